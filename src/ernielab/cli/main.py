@@ -1,0 +1,217 @@
+"""`ernielab` command line: train, generate, eval, info (+ family sub-commands)."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="ernielab: train, generate with and evaluate ERNIE-family models.")
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def friendly_errors(fn):
+    """Turn expected failures (bad files, configs, shapes) into one clear line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, FileNotFoundError, IsADirectoryError, ValueError, json.JSONDecodeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['model.num_layers=4', 'lr=1e-3'] -> nested dict with JSON-parsed values (strings if not JSON)."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override {pair!r} is not KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_train_config(path: Path, overrides: list[str]):
+    from ..training import TrainConfig
+
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {path} is not valid JSON: {e}") from None
+    return TrainConfig.from_dict(deep_merge(data, parse_overrides(overrides)))
+
+
+@app.command()
+@friendly_errors
+def train(config: Path = typer.Argument(..., help="training config JSON (see configs/)"),
+          set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set steps=100"),
+          output_dir: Optional[str] = typer.Option(None, help="override output_dir"),
+          fresh: bool = typer.Option(False, help="ignore existing checkpoints (do not resume)")):
+    """Train a text-to-image transformer with flow matching (resumes from the latest checkpoint)."""
+    from ..training import Trainer
+
+    cfg = load_train_config(config, set_)
+    if output_dir:
+        cfg = cfg.replace(output_dir=output_dir)
+    if fresh:
+        cfg = cfg.replace(resume="")
+    result = Trainer(cfg).train()
+    typer.echo(f"trained to step {result['step']} in {result['elapsed_s']:.0f}s; pipeline at {cfg.output_dir}/pipeline")
+
+
+def read_prompts(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompt file not found: {path}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompt file {path}: {e}") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    if not any(prompts):
+        raise UserError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    if not size:
+        return None, None
+    try:
+        h, w = (int(v) for v in size.lower().split("x")) if "x" in size.lower() else (int(size),) * 2
+    except ValueError:
+        raise UserError(f"--size must look like 32 or 32x48, got {size!r}") from None
+    if h <= 0 or w <= 0:
+        raise UserError(f"--size must be positive, got {size!r}")
+    return h, w
+
+
+@app.command()
+@friendly_errors
+def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or use --prompts FILE)"),
+             output: Path = typer.Option(Path("out.png"), "-o", "--output", help="PNG path for a single prompt"),
+             prompts: Optional[Path] = typer.Option(None, "--prompts", help="text file, one prompt per line"),
+             out: Path = typer.Option(Path("outputs"), "--out", help="folder for --prompts results"),
+             model: Optional[Path] = typer.Option(None, help="pipeline folder (default: the bundled model)"),
+             seed: int = typer.Option(0, help="image i uses seed + i"),
+             steps: Optional[int] = typer.Option(None, help="sampling steps (default: the model's, 50)"),
+             guidance: Optional[float] = typer.Option(None, help="CFG scale (default: the model's, 4.0)"),
+             shift: Optional[float] = typer.Option(None, help="timestep shift (default: the model's)"),
+             size: Optional[str] = typer.Option(None, help="HxW in pixels (default: the model's)"),
+             negative: Optional[str] = typer.Option(None, help="negative prompt"),
+             batch_size: int = typer.Option(16)):
+    """Generate images. One prompt -> one PNG; --prompts FILE -> DIR/0000.png ... and DIR/grid.png."""
+    from ..pipeline import TextToImagePipeline
+
+    if (prompt is None) == (prompts is None):
+        raise UserError("give exactly one of PROMPT or --prompts FILE")
+    texts = read_prompts(prompts) if prompts is not None else [prompt]
+    if any(not t for t in texts):
+        raise UserError("empty prompt (blank line in the prompt file?)")
+    height, width = parse_size(size)
+    pipe = TextToImagePipeline.from_pretrained(model)
+    images = pipe(texts, seed=seed, steps=steps, guidance_scale=guidance, shift=shift, height=height,
+                  width=width, negative_prompt=negative, batch_size=batch_size, progress=True)
+    if prompts is None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(output)
+        typer.echo(str(output))
+        return
+    from ..eval.contact_sheet import save_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    width_digits = max(4, len(str(len(images) - 1)))
+    for i, img in enumerate(images):
+        img.save(out / f"{i:0{width_digits}d}.png")
+    save_grid([__import__("numpy").asarray(im) for im in images], out / "grid.png", captions=texts)
+    (out / "prompts.json").write_text(json.dumps({"seed": seed, "prompts": texts}, indent=2))
+    typer.echo(f"{len(images)} images in {out}")
+
+
+@app.command("eval")
+@friendly_errors
+def eval_(model: Optional[Path] = typer.Option(None, help="pipeline folder (default: the bundled model)"),
+          data: str = typer.Option("shapes", help="shapes | mnist | folder"),
+          data_path: str = typer.Option("", help="folder/JSONL for --data folder"),
+          image_size: Optional[int] = typer.Option(None, help="default: the model's"),
+          n_fid: int = typer.Option(500, help="held-out images for FID/KID (0 = skip)"),
+          n_align: int = typer.Option(100, help="prompts per alignment category"),
+          seed: int = typer.Option(0),
+          steps: Optional[int] = typer.Option(None),
+          guidance: Optional[float] = typer.Option(None),
+          shift: Optional[float] = typer.Option(None),
+          out: Path = typer.Option(Path("outputs/eval"), help="folder for eval.json and contact_sheet.png")):
+    """Score a model: FID/KID vs held-out images, prompt alignment; writes JSON + contact sheet."""
+    from ..data.registry import DataConfig
+    from ..eval.evaluate import evaluate
+    from ..pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(model)
+    cfg = DataConfig(kind=data, path=data_path, image_size=image_size or pipe.config.height)
+    report = evaluate(pipe, cfg, n_fid=n_fid, n_align=n_align, seed=seed, steps=steps, guidance_scale=guidance,
+                      shift=shift, out_dir=out)
+    summary = {"fid_kid": report.get("fid_kid"),
+               "alignment": {k: v.get("overall", v) for k, v in report.get("alignment", {}).items()}}
+    typer.echo(json.dumps(summary, indent=2, default=float))
+    typer.echo(f"report: {out / 'eval.json'}")
+
+
+@app.command()
+@friendly_errors
+def info(model: Optional[Path] = typer.Argument(None, help="pipeline folder (default: the bundled model)")):
+    """Print a saved pipeline's configuration and parameter count."""
+    from ..pipeline import DEFAULT_MODEL, describe
+
+    typer.echo(json.dumps(describe(model or DEFAULT_MODEL), indent=2))
+
+
+def _mount_families() -> None:
+    """Model-family CLIs live in their own modules; mount those that are installed."""
+    import importlib
+
+    for name, help_text in [("sparse", "ERNIE-Sparse: hierarchical sparse transformer on LRA tasks"),
+                            ("unified", "ERNIE 5.0-style unified autoregressive MoE")]:
+        try:
+            module = importlib.import_module(f"ernielab.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"ernielab.cli.{name}":
+                continue
+            raise
+        app.add_typer(module.app, name=name, help=help_text)
+
+
+_mount_families()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Text-to-image pipeline: text encoder -> ERNIE-Image transformer + Euler/CFG sampler -> latent decoder.
+
+On disk (`save_pretrained`): pipeline.json (text encoder, latent space, sampling defaults) and
+transformer/ (config.json + model.safetensors).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import Config
+from .diffusion import cfg_denoiser, euler_sample, sigma_schedule
+from .models.autoencoders import LatentSpaceConfig, build_latent_space
+from .models.image import ErnieImageTransformer
+from .models.text_encoder import TextEncoder, TextEncoderConfig
+
+PIPELINE_CONFIG = "pipeline.json"
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = ASSETS / "default"
+
+
+@dataclasses.dataclass
+class PipelineConfig(Config):
+    text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
+    latent: LatentSpaceConfig = dataclasses.field(default_factory=LatentSpaceConfig)
+    height: int = 32
+    width: int = 32
+    steps: int = 50
+    guidance_scale: float = 4.0
+    shift: float = 4.0
+    negative_prompt: str = ""
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images."""
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class TextToImagePipeline:
+    def __init__(self, transformer: ErnieImageTransformer, text_encoder: TextEncoder, latent_space,
+                 config: PipelineConfig | None = None):
+        self.transformer = transformer.eval()
+        self.text_encoder = text_encoder
+        self.latent_space = latent_space
+        self.config = config or PipelineConfig(text_encoder=text_encoder.config, latent=latent_space.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device) -> "TextToImagePipeline":
+        self.transformer.to(device)
+        self.latent_space.to(device)
+        return self
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(path / "transformer", dtype=dtype)
+        self.config.save(path / PIPELINE_CONFIG)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32, text_encoder: TextEncoder | None = None,
+                        vae: torch.nn.Module | None = None) -> "TextToImagePipeline":
+        path = Path(path) if path is not None else DEFAULT_MODEL
+        if not (path / PIPELINE_CONFIG).is_file():
+            raise FileNotFoundError(f"no {PIPELINE_CONFIG} in {path}: not an ernielab pipeline folder")
+        config = PipelineConfig.load(path / PIPELINE_CONFIG)
+        transformer = ErnieImageTransformer.from_pretrained(path / "transformer", dtype=dtype).to(device)
+        if text_encoder is None:
+            text_encoder = TextEncoder(config.text_encoder)
+        if transformer.config.text_in_dim != text_encoder.dim:
+            raise ValueError(f"text encoder dim {text_encoder.dim} != transformer text_in_dim "
+                             f"{transformer.config.text_in_dim}")
+        return cls(transformer, text_encoder, build_latent_space(config.latent, vae).to(device), config)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def initial_noise(self, n: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """Noise for image i comes from seed + i, so an image does not depend on the batch it is in."""
+        shape = self.latent_space.latent_shape(height, width)
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | str, *, negative_prompt: str | None = None, height: int | None = None,
+                 width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
+                 shift: float | None = None, seed: int = 0, batch_size: int = 16, progress: bool = False,
+                 latents: torch.Tensor | None = None) -> torch.Tensor:
+        """-> images [N, 3, H, W] in [-1, 1]."""
+        cfg = self.config
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        height, width = height or cfg.height, width or cfg.width
+        steps = steps or cfg.steps
+        guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        shift = cfg.shift if shift is None else shift
+        negative = cfg.negative_prompt if negative_prompt is None else negative_prompt
+        noise = latents if latents is not None else self.initial_noise(len(prompts), height, width, seed)
+        sigmas = sigma_schedule(steps, shift)
+        dtype = next(self.transformer.parameters()).dtype
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            cond = self.text_encoder(chunk, device=self.device, dtype=dtype)
+            uncond = self.text_encoder([negative] * len(chunk), device=self.device, dtype=dtype)
+            denoiser = cfg_denoiser(self.transformer, cond, uncond, guidance_scale)
+            x = noise[start : start + batch_size].to(self.device, dtype)
+            x = euler_sample(denoiser, x, sigmas, progress=progress and len(prompts) <= batch_size)
+            out.append(self.latent_space.decode(x.float()).cpu())
+        return torch.cat(out)
+
+    def __call__(self, prompts, **kwargs) -> list[Image.Image]:
+        return to_pil(self.generate(prompts, **kwargs))
+
+
+def describe(path: str | Path) -> dict:
+    """Small summary of a saved pipeline (for `ernielab info`)."""
+    path = Path(path)
+    return {"pipeline": json.loads((path / PIPELINE_CONFIG).read_text()),
+            "transformer": json.loads((path / "transformer" / "config.json").read_text())}

@@ -1,0 +1,4 @@
+"""Training: the flow-matching trainer, EMA and checkpoints."""
+from .trainer import Trainer, TrainConfig
+
+__all__ = ["Trainer", "TrainConfig"]
