@@ -17,6 +17,7 @@ from .config import Config
 from .diffusion import cfg_denoiser, euler_sample, sigma_schedule
 from .models.autoencoders import LatentSpaceConfig, build_latent_space
 from .models.image import ErnieImageTransformer
+from .models.registry import load_transformer
 from .models.text_encoder import TextEncoder, TextEncoderConfig
 
 PIPELINE_CONFIG = "pipeline.json"
@@ -78,7 +79,7 @@ class TextToImagePipeline:
         if not (path / PIPELINE_CONFIG).is_file():
             raise FileNotFoundError(f"no {PIPELINE_CONFIG} in {path}: not an ernielab pipeline folder")
         config = PipelineConfig.load(path / PIPELINE_CONFIG)
-        transformer = ErnieImageTransformer.from_pretrained(path / "transformer", dtype=dtype).to(device)
+        transformer = load_transformer(path / "transformer", dtype=dtype).to(device)
         if text_encoder is None:
             text_encoder = TextEncoder(config.text_encoder)
         if transformer.config.text_in_dim != text_encoder.dim:
