@@ -1,6 +1,6 @@
 """Train the small MNIST digit classifier used by `ernielab.eval.digits` and write it to the package assets.
 
-    .venv/bin/python scripts/train_digit_classifier.py            # ~75 s on one CPU thread
+    .venv/bin/python scripts/train_digit_classifier.py            # 75-110 s on one CPU thread
     .venv/bin/python scripts/train_digit_classifier.py --out /tmp/digits.safetensors --epochs 3
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results are seed-reproducible per thread count)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (same seed and threads, same weights)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

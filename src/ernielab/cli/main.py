@@ -184,6 +184,22 @@ def eval_(model: Optional[Path] = typer.Option(None, help="pipeline folder (defa
 
 @app.command()
 @friendly_errors
+def export(run_dir: Path = typer.Argument(..., help="training output_dir"),
+           out: Path = typer.Option(..., "--out", help="pipeline folder to write"),
+           checkpoint: Optional[Path] = typer.Option(None, help="checkpoint folder (default: latest)"),
+           raw: bool = typer.Option(False, help="export the raw weights instead of the EMA"),
+           half: bool = typer.Option(False, help="store weights as float16 (half the size)")):
+    """Export a training checkpoint as a pipeline folder usable by generate/eval."""
+    import torch
+
+    from ..training.trainer import export_checkpoint
+
+    path = export_checkpoint(run_dir, out, checkpoint, use_ema=not raw, dtype=torch.float16 if half else None)
+    typer.echo(str(path))
+
+
+@app.command()
+@friendly_errors
 def info(model: Optional[Path] = typer.Argument(None, help="pipeline folder (default: the bundled model)")):
     """Print a saved pipeline's configuration and parameter count."""
     from ..pipeline import DEFAULT_MODEL, describe

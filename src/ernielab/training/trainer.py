@@ -264,3 +264,26 @@ class Trainer:
                                                 width=self.config.data.image_size)
         pipe = TextToImagePipeline(self.final_model().float().eval(), self.text_encoder, self.latent_space, sampling)
         pipe.save_pretrained(path, dtype=dtype)
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
+                      use_ema: bool = True, dtype: torch.dtype | None = None) -> Path:
+    """Turn a training checkpoint (default: the latest) of a run into a pipeline folder, without training."""
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "train_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run (train_config.json missing)")
+    cfg = TrainConfig.load(cfg_file)
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoints in {run_dir}")
+    ckpt = load_checkpoint(path)
+    model = ErnieImageTransformer(cfg.model)
+    state = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
+    model.load_state_dict_checked({k: v.to(torch.float32) for k, v in state.items()})
+    sampling = cfg.sampling.replace(text_encoder=cfg.text_encoder, latent=cfg.latent,
+                                    height=cfg.data.image_size, width=cfg.data.image_size)
+    out = Path(out)
+    model.save_pretrained(out / "transformer", dtype=dtype)
+    sampling.save(out / "pipeline.json")
+    return out
