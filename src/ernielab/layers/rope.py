@@ -32,10 +32,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D]; angles [B, S, 1, R] with R <= D; dims past R pass through unrotated."""
-    rot = angles.shape[-1]
+def rope_cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precompute (cos, sin) once per forward instead of once per layer and per q/k."""
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [B, S, H, D]; rope = angles [B, S, 1, R] (R <= D) or their (cos, sin); dims past R pass unrotated."""
+    cos, sin = rope if isinstance(rope, tuple) else rope_cos_sin(rope)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     out = x_rot * cos + rotate_half(x_rot) * sin
     return torch.cat((out, x_pass), dim=-1) if x_pass.numel() else out

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...layers import GeGLU, RMSNorm, SelfAttention, TimestepEmbedding, modulate, rope_angles
+from ...layers import GeGLU, RMSNorm, SelfAttention, TimestepEmbedding, modulate, rope_angles, rope_cos_sin
 from .config import ErnieImageConfig
 from .convert import from_diffusers_state_dict, to_diffusers_state_dict
 
@@ -70,8 +70,12 @@ class ErnieImageTransformer(nn.Module):
         return torch.cat([img, txt], dim=1)
 
     @staticmethod
-    def key_mask(n_img: int, text_len: int, text_lens: torch.Tensor) -> torch.Tensor:
-        """[B, 1, 1, S] bool: image tokens always attendable, text tokens only up to each prompt's length."""
+    def key_mask(n_img: int, text_len: int, text_lens: torch.Tensor) -> torch.Tensor | None:
+        """[B, 1, 1, S] bool: image tokens always attendable, text tokens only up to each prompt's length.
+
+        None when nothing is padded, which lets attention take its faster unmasked path."""
+        if bool((text_lens >= text_len).all()):
+            return None
         valid_text = torch.arange(text_len, device=text_lens.device)[None] < text_lens[:, None]
         valid_img = torch.ones(len(text_lens), n_img, dtype=torch.bool, device=text_lens.device)
         return torch.cat([valid_img, valid_text], 1)[:, None, None, :]
@@ -109,7 +113,7 @@ class ErnieImageTransformer(nn.Module):
         txt = self.text_proj(text) if self.text_proj is not None else text
         h = torch.cat([img, txt.to(img.dtype)], dim=1)
 
-        rope = rope_angles(self.position_ids(B, gh, gw, T, text_lens), cfg.rope_axes_dim, cfg.rope_theta)
+        rope = rope_cos_sin(rope_angles(self.position_ids(B, gh, gw, T, text_lens), cfg.rope_axes_dim, cfg.rope_theta))
         mask = self.key_mask(gh * gw, T, text_lens)
         c = self.time_embedding(timestep, dtype=h.dtype)
         mod = [m[:, None] for m in self.adaln(F.silu(c)).chunk(6, dim=-1)]
