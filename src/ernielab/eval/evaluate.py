@@ -57,10 +57,15 @@ def evaluate(pipe: TextToImagePipeline, data: DataConfig, n_fid: int = 500, n_al
                height=data.image_size, width=data.image_size)
     report: dict = {"data": data.to_dict(), "sampling": {k: v for k, v in gen.items() if v is not None}}
 
+    timing = {"images": 0, "seconds": 0.0}
+
     def generate(prompts: list[str], seed0: int, label: str) -> torch.Tensor:
         chunks = []
+        t = time.time()
         for start in tqdm(range(0, len(prompts), batch_size), desc=label, disable=not progress):
             chunks.append(pipe.generate(prompts[start : start + batch_size], seed=seed0 + start, **gen))
+        timing["images"] += len(prompts)
+        timing["seconds"] += time.time() - t
         return torch.cat(chunks)
 
     t0 = time.time()
@@ -77,6 +82,8 @@ def evaluate(pipe: TextToImagePipeline, data: DataConfig, n_fid: int = 500, n_al
         align_images[kind] = (prompts, to_uint8(images))
         report.setdefault("alignment", {})[kind] = score_alignment(data.kind, prompts, align_images[kind][1])
     report["seconds"] = time.time() - t0
+    report["generation"] = {**timing, "images_per_s": timing["images"] / max(timing["seconds"], 1e-9),
+                            "torch_threads": torch.get_num_threads()}
     if out_dir is not None:
         write_report(report, align_images, Path(out_dir))
     return report
