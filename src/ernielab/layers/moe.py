@@ -1,0 +1,183 @@
+"""Mixture-of-experts feed-forward: top-k routing, auxiliary-loss-free balancing, grouped dispatch.
+
+Routing (DeepSeek-V3 / ERNIE 5.0 style):
+- the router sees the token representation only: `forward(x)` takes no modality or task input, so the
+  same hidden state goes to the same experts whether it came from a word or an image patch;
+- affinities are sigmoid(x W_r); experts are *selected* by affinity + a per-expert bias, but *weighted*
+  by the affinities alone (renormalised over the selected experts, so any top-k yields an output of the
+  same scale: elastic top-k needs no rescaling);
+- the bias is not learned by gradients: after each optimiser step `update_bias` nudges it up for
+  under-loaded experts and down for over-loaded ones (no auxiliary loss term distorts the LM loss);
+- an expert mask removes experts from selection (elastic width, extracted sub-models).
+
+Dispatch: the (token, expert) assignments are sorted by expert, tokens gathered into one contiguous
+[N*k, D] block, every expert's slice multiplied by its own weights with one grouped matmul
+(`torch.nn.functional.grouped_mm`, a loop over experts where it is missing) and the weighted results
+scattered back with `index_add_`. No Python loop over tokens.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mlp import GeGLU
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                   offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, D] sorted into consecutive groups of `counts` rows, weight [E, D, H] -> [M, H].
+
+    Group e is multiplied by weight[e]; empty groups are allowed. `offsets` (int32 cumsum of counts) may
+    be passed in when several matmuls share one grouping.
+    """
+    aligned = all(n * x.element_size() % 16 == 0 for n in weight.shape[1:])  # grouped_mm's stride rule
+    if _HAS_GROUPED_MM and aligned and x.dtype == weight.dtype and x.shape[0] > 0:
+        offsets = counts.cumsum(0).to(torch.int32) if offsets is None else offsets
+        return F.grouped_mm(x.contiguous(), weight, offs=offsets)
+    parts = [chunk @ weight[e] for e, chunk in enumerate(x.split(counts.tolist())) if chunk.shape[0]]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[-1])
+
+
+def expert_load(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert: index [..., k] of expert ids -> int64 counts [E]."""
+    return torch.bincount(index.reshape(-1), minlength=num_experts)
+
+
+def balance_stats(counts: torch.Tensor, active: torch.Tensor | None = None) -> dict[str, float]:
+    """Load balance of one counts vector over the active experts.
+
+    max_over_mean: busiest expert's load / mean load (1 = perfect; "MaxVio" + 1);
+    cv: coefficient of variation; entropy: normalised entropy of the load distribution (1 = uniform).
+    """
+    counts = counts.double()
+    if active is not None:
+        counts = counts[active]
+    total = counts.sum()
+    if total <= 0:
+        return {"max_over_mean": float("nan"), "cv": float("nan"), "entropy": float("nan"), "tokens": 0}
+    mean = counts.mean()
+    p = counts / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum() / math.log(max(2, counts.numel()))
+    return {"max_over_mean": float(counts.max() / mean), "cv": float(counts.std(unbiased=False) / mean),
+            "entropy": float(entropy), "tokens": int(total)}
+
+
+class TopKRouter(nn.Module):
+    """Sigmoid affinities, biased top-k selection, renormalised gates; bias balanced without a loss."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, balance_rate: float = 1e-2):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        self.num_experts, self.top_k, self.balance_rate = num_experts, top_k, balance_rate
+        self.proj = nn.Linear(dim, num_experts, bias=False)
+        # selection bias (balanced by update_bias); routed gate mass per expert, a usage record that
+        # extraction uses to pick which experts a narrower sub-model keeps
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.register_buffer("gate_mass", torch.zeros(num_experts))
+        self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor, top_k: int | None = None,
+                expert_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (expert index [N, k] int64, gate [N, k] in x's dtype, rows summing to 1)."""
+        k = top_k or self.top_k
+        available = self.num_experts if expert_mask is None else int(expert_mask.sum())
+        if not 1 <= k <= available:
+            raise ValueError(f"top_k {k} must be in [1, {available}] (the experts left by the mask)")
+        scores = torch.sigmoid(self.proj(x).float())
+        select = scores.detach() + self.expert_bias
+        if expert_mask is not None:
+            select = select.masked_fill(~expert_mask, float("-inf"))
+        index = select.topk(k, dim=-1).indices
+        gate = scores.gather(-1, index)
+        gate = gate / gate.sum(-1, keepdim=True)
+        if self.training:
+            with torch.no_grad():
+                self.pending_load += expert_load(index, self.num_experts).to(self.pending_load.dtype)
+                self.gate_mass.index_add_(0, index.reshape(-1), gate.detach().reshape(-1))
+        return index, gate.to(x.dtype)
+
+    @torch.no_grad()
+    def update_bias(self, expert_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One balancing step from the load gathered since the last call; returns that load.
+
+        Experts under the mean load (among the unmasked ones) gain `balance_rate`, experts above it lose
+        it. Masked experts saw no tokens by construction, so their bias is left alone.
+        """
+        load = self.pending_load.clone()
+        self.pending_load.zero_()
+        active = torch.ones_like(load, dtype=torch.bool) if expert_mask is None else expert_mask
+        if load[active].sum() > 0:
+            error = load[active].mean() - load
+            self.expert_bias += torch.where(active, self.balance_rate * error.sign(), 0.0)
+        return load
+
+
+class MoEFeedForward(nn.Module):
+    """Routed GeGLU experts (weights stacked [E, ...]) plus an optional always-on shared GeGLU expert."""
+
+    def __init__(self, dim: int, num_experts: int, expert_hidden: int, top_k: int, shared_hidden: int = 0,
+                 balance_rate: float = 1e-2):
+        super().__init__()
+        self.num_experts, self.expert_hidden = num_experts, expert_hidden
+        self.router = TopKRouter(dim, num_experts, top_k, balance_rate)
+        std_in, std_out = dim ** -0.5, expert_hidden ** -0.5
+        self.w_gate = nn.Parameter(torch.randn(num_experts, dim, expert_hidden) * std_in)
+        self.w_up = nn.Parameter(torch.randn(num_experts, dim, expert_hidden) * std_in)
+        self.w_down = nn.Parameter(torch.randn(num_experts, expert_hidden, dim) * std_out)
+        self.shared = GeGLU(dim, shared_hidden) if shared_hidden > 0 else None
+        self.last_index: torch.Tensor | None = None  # [N, k] of the latest call, for load statistics
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def forward(self, x: torch.Tensor, top_k: int | None = None,
+                expert_mask: torch.Tensor | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        index, gate = self.router(flat, top_k, expert_mask)
+        self.last_index = index.detach()
+        out = self.experts(flat, index, gate)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.reshape(x.shape)
+
+    def experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Grouped dispatch: sort assignments by expert, one grouped matmul per weight, scatter-add back."""
+        k = index.shape[1]
+        flat_expert = index.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        token = order // k
+        counts = expert_load(flat_expert, self.num_experts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        routed = x[token]
+        hidden = F.gelu(grouped_matmul(routed, self.w_gate, counts, offsets))
+        hidden = hidden * grouped_matmul(routed, self.w_up, counts, offsets)
+        out = grouped_matmul(hidden, self.w_down, counts, offsets) * gate.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+    def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e alone on x [..., D] (reference path for tests and inspection)."""
+        return (F.gelu(x @ self.w_gate[e]) * (x @ self.w_up[e])) @ self.w_down[e]
+
+    @torch.no_grad()
+    def keep_experts(self, keep: torch.Tensor) -> "MoEFeedForward":
+        """A copy holding only experts `keep` (int ids, in order): same outputs as this layer with those
+        experts unmasked and the rest masked."""
+        keep = keep.to(torch.long)
+        sub = MoEFeedForward(self.w_gate.shape[1], len(keep), self.expert_hidden, min(self.top_k, len(keep)),
+                             0, self.router.balance_rate)
+        sub.w_gate.copy_(self.w_gate[keep])
+        sub.w_up.copy_(self.w_up[keep])
+        sub.w_down.copy_(self.w_down[keep])
+        sub.router.proj.weight.copy_(self.router.proj.weight[keep])
+        sub.router.expert_bias.copy_(self.router.expert_bias[keep])
+        sub.router.gate_mass.copy_(self.router.gate_mass[keep])
+        sub.shared = copy.deepcopy(self.shared)
+        return sub

@@ -1,0 +1,199 @@
+"""Unified model: sequence layout, group decoding, KV cache, modality-agnostic routing, elastic sub-models."""
+import pytest
+import torch
+
+from ernielab.models.unified import (
+    IMAGE, TEXT, SubModel, TextTokenizer, UnifiedConfig, UnifiedTransformer, VQConfig, VQTokenizer,
+    build_text_vocab, caption_codes, collate, describe_submodel, evenly_spaced_layers, extract_submodel,
+    generate_image_codes, image_to_text_sequence, load_model, model_inputs, parameter_counts, sample_submodel,
+    save_model, text_sequence, text_to_image_sequence, unified_loss,
+)
+from ernielab.models.unified.model import IGNORE
+from ernielab.models.unified.tokenizer import BOS, EOS
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return build_text_vocab()
+
+
+def make_model(vocab, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = UnifiedTransformer(UnifiedConfig.tiny(text_vocab=vocab, num_layers=3, **kw))
+    for name, p in model.named_parameters():  # untrained heads are near zero: make outputs informative
+        if "head" in name or "embed" in name or "image_pos" in name:
+            torch.nn.init.normal_(p, std=1.0)
+    for _, moe in model.moe_layers():
+        moe.router.gate_mass.copy_(torch.rand(moe.num_experts))
+    return model.eval()
+
+
+def test_text_tokenizer_round_trip(vocab):
+    tok = TextTokenizer(vocab)
+    ids = tok.encode("a photo of three small yellow triangles to the left of a purple circle")
+    assert ids[0] == BOS and ids[-1] == EOS and len(tok) == len(vocab) < 100
+    assert tok.decode(ids[1:]) == "a photo of three small yellow triangles to the left of a purple circle"
+    assert "[UNK]" in tok.decode(tok.encode("a zebra")[1:])
+    with pytest.raises(ValueError, match="max_text_len"):
+        tok.encode("a red circle " * 10, max_len=8)
+
+
+def test_vq_round_trip_shapes():
+    torch.manual_seed(0)
+    vq = VQTokenizer(VQConfig.tiny())
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    recon, parts = vq.train()(images)
+    assert recon.shape == images.shape and parts["codes"].shape == (3, 4, 4) and parts["loss"].ndim == 0
+    vq.eval()
+    codes = vq.encode(images)
+    assert codes.shape == (3, 4, 4) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 16
+    assert vq.decode(codes).shape == (3, 3, 16, 16)
+    with pytest.raises(ValueError, match="expects images"):
+        vq.encode(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="code ids"):
+        vq.decode(torch.full((1, 4, 4), 99))
+
+
+def test_sequence_layout_and_targets():
+    codes = torch.arange(16).view(4, 4)
+    t2i = collate([text_to_image_sequence([BOS, 7, 8, EOS], codes)])
+    g = 4
+    assert t2i["tokens"].shape[1] == 4 + g * g  # text + start row + rows 0..2
+    assert (t2i["text_target"] == IGNORE).all()  # the caption is a condition here
+    assert t2i["image_target"][0, 4:].tolist() == codes.flatten().tolist()
+    assert t2i["group"][0].tolist() == [0, 1, 2, 3] + [4] * g + [5] * g + [6] * g + [7] * g
+    i2t = collate([image_to_text_sequence(codes, [BOS, 7, EOS])])
+    assert (i2t["image_target"] == IGNORE).all() and i2t["text_target"][0, -3:].tolist() == [7, EOS, IGNORE]
+    padded = collate([text_sequence([BOS, 5, EOS], 4), text_sequence([BOS, EOS], 4)])
+    assert padded["valid"].sum(1).tolist() == [3, 2] and padded["text_target"][1].tolist() == [EOS, IGNORE, IGNORE]
+
+
+def test_image_rows_only_see_earlier_rows(vocab):
+    model = make_model(vocab)
+    codes = torch.randint(0, 16, (4, 4))
+    changed = codes.clone()
+    changed[2] = (changed[2] + 1) % 16
+    logits = []
+    for c in (codes, changed):
+        batch = collate([text_to_image_sequence([BOS, 9, EOS], c)])
+        h = model(**model_inputs(batch))
+        logits.append(model.image_logits(h[0, 3:]).view(4, 4, -1))  # block b predicts row b
+    torch.testing.assert_close(logits[0][:3], logits[1][:3])  # rows 0..2 do not see row 2's codes
+    assert not torch.allclose(logits[0][3], logits[1][3])  # row 3 does
+
+
+def test_group_decoding_emits_a_row_per_step_and_matches_full_forward(vocab):
+    model = make_model(vocab)
+    tok = TextTokenizer(vocab)
+    prompts = [tok.encode("a red circle"), tok.encode("two blue squares above a green triangle")]
+    chunks = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: chunks.append(kwargs["tokens"].shape),
+                                       with_kwargs=True)
+    codes, steps = generate_image_codes(model, prompts, temperature=0.0)
+    hook.remove()
+    g = model.config.image_grid
+    assert codes.shape == (2, g, g) and steps == g == len(chunks)
+    assert all(shape == (2, g) for shape in chunks[1:])  # after the prompt, every step feeds one whole row
+    # the cached row-by-row greedy decode equals teacher forcing with its own output in one pass
+    batch = collate([text_to_image_sequence(p, c) for p, c in zip(prompts, codes)])
+    h = model(**model_inputs(batch))
+    sel = batch["image_target"] != IGNORE
+    assert torch.equal(model.image_logits(h[sel]).argmax(-1), codes.flatten())
+
+
+def test_guided_generation_and_captioning_with_cache(vocab):
+    model = make_model(vocab)
+    tok = TextTokenizer(vocab)
+    gen = torch.Generator().manual_seed(0)
+    codes, _ = generate_image_codes(model, [tok.encode("a red circle")], guidance=3.0, top_k=5, generator=gen)
+    assert codes.shape == (1, 4, 4)
+    ids, steps = caption_codes(model, codes, max_len=6)
+    assert len(ids) == 1 and 1 <= steps <= 5 and len(ids[0]) <= 5
+    full = collate([image_to_text_sequence(codes[0], [BOS] + ids[0])])
+    h = model(**model_inputs(full))
+    greedy = model.text_logits(h[0, -len(ids[0]) - 1:-1]).argmax(-1) if ids[0] else torch.empty(0)
+    assert greedy.tolist() == ids[0]
+
+
+def test_routing_never_sees_the_modality(vocab):
+    model = make_model(vocab)
+    torch.manual_seed(1)
+    x = torch.randn(1, 10, model.config.dim)
+    model.embed = lambda tokens, modality, cell: x  # identical inputs whatever the modality says
+    common = dict(tokens=torch.zeros(1, 10, dtype=torch.long), cell=torch.zeros(1, 10, dtype=torch.long),
+                  group=torch.arange(10)[None], valid=torch.ones(1, 10, dtype=torch.bool))
+    outs, routes = [], []
+    for modality in (TEXT, IMAGE):
+        outs.append(model(modality=torch.full((1, 10), modality), **common))
+        routes.append(model.routing())
+    torch.testing.assert_close(outs[0], outs[1])
+    assert all(torch.equal(routes[0][i], routes[1][i]) for i in routes[0])
+
+
+def test_extracted_submodel_matches_elastic_run(vocab, tmp_path):
+    model = make_model(vocab)
+    codes = torch.randint(0, 16, (2, 4, 4))
+    batch = collate([image_to_text_sequence(codes[0], [BOS, 6, 7, EOS]),
+                     text_to_image_sequence([BOS, 9, EOS], codes[1])])
+    inputs = model_inputs(batch)
+    sub = describe_submodel(model, depth=2, num_experts=4, top_k=1)
+    assert sub.layers == (0, 2) and all(int(m.sum()) == 4 for m in sub.expert_masks.values())
+    small = extract_submodel(model, sub)
+    assert small.config.num_layers == 2 and small.config.num_experts == 4 and small.config.top_k == 1
+    torch.testing.assert_close(small(**inputs), model(**inputs, sub=sub), atol=1e-5, rtol=1e-5)
+    full, part = parameter_counts(model), parameter_counts(small)
+    assert part["total"] < full["total"] and part["active"] < full["active"]
+    # the saved standalone checkpoint reproduces it too
+    from ernielab.models.unified.config import VQConfig
+
+    save_model(tmp_path / "small", small, VQTokenizer(VQConfig.tiny()), {"note": "test"})
+    loaded, vq, meta = load_model(tmp_path / "small")
+    torch.testing.assert_close(loaded(**inputs), small(**inputs))
+    assert meta == {"note": "test"} and vq.config.grid == 4
+
+
+def test_submodel_validation(vocab):
+    model = make_model(vocab)
+    assert evenly_spaced_layers(4, 3) == (0, 2, 3) and evenly_spaced_layers(3, 3) == (0, 1, 2)
+    with pytest.raises(ValueError, match="top_k"):
+        describe_submodel(model, num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="layers"):
+        model(**model_inputs(collate([text_sequence([BOS, EOS], 4)])), sub=SubModel(layers=(5,)))
+    dense = UnifiedTransformer(UnifiedConfig.tiny(text_vocab=vocab).dense_twin())
+    with pytest.raises(ValueError, match="dense"):
+        describe_submodel(dense, top_k=1)
+
+
+def test_elastic_sampling_proportions(vocab):
+    cfg = UnifiedConfig.tiny(text_vocab=vocab, num_layers=4)
+    gen = torch.Generator().manual_seed(0)
+    subs = [sample_submodel(cfg, gen) for _ in range(2000)]
+    full_depth = sum(s.layers is None for s in subs) / len(subs)
+    all_experts = sum(s.expert_masks is None for s in subs) / len(subs)
+    default_k = sum(s.top_k is None for s in subs) / len(subs)
+    assert abs(full_depth - 0.75) < 0.04 and abs(all_experts - 0.8) < 0.04 and abs(default_k - 0.8) < 0.04
+    for s in subs:
+        if s.layers is not None:
+            assert 2 <= len(s.layers) <= 3 and list(s.layers) == sorted(set(s.layers))
+        if s.expert_masks is not None:
+            assert all(cfg.top_k <= int(m.sum()) < cfg.num_experts for m in s.expert_masks.values())
+        if s.top_k is not None:
+            assert 1 <= s.top_k < cfg.top_k
+
+
+def test_loss_has_all_parts_and_decreases(vocab):
+    model = make_model(vocab).train()
+    codes = torch.randint(0, 16, (4, 4))
+    batch = collate([text_to_image_sequence([BOS, 9, 10, EOS], codes),
+                     image_to_text_sequence(codes, [BOS, 9, 10, 11, EOS])])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(15):
+        sub = SubModel(top_k=1) if step % 3 == 2 else None
+        loss, parts = unified_loss(model, batch, sub)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert set(parts) == {"text", "mtp1", "mtp2", "image"}
+    assert losses[-1] < 0.5 * losses[0]
