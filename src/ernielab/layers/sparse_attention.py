@@ -33,7 +33,14 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_vali
     """
     bias = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device)
     bias = bias.masked_fill(~key_valid, torch.finfo(q.dtype).min)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    if q.ndim <= 4:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    # Fused kernels take [batch, heads, L, D]: fold the block dims into the batch so blocks run through
+    # the flash kernel (no stored scores) instead of the unfused path.
+    lead = q.shape[:-2]
+    bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, 1, *bias.shape[-2:])
+    out = F.scaled_dot_product_attention(*(t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v)), attn_mask=bias)
+    return out.reshape(*lead, *out.shape[-2:])
 
 
 def window_block_index(num_blocks: int, window: int, device: torch.device | None = None) -> torch.Tensor:

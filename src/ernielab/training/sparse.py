@@ -93,7 +93,8 @@ class BatchPlan:
 
 def check_compatible(model_cfg: SparseClassifierConfig, ds: SequenceDataset, name: str) -> None:
     if ds.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"{name} data uses {ds.vocab_size} token ids; the model's vocab_size is {model_cfg.vocab_size}")
+        raise ValueError(f"{name} data uses {ds.vocab_size} token ids; "
+                         f"the model's vocab_size is {model_cfg.vocab_size}")
     if ds.num_classes != model_cfg.num_classes:
         raise ValueError(f"{name} data has {ds.num_classes} classes; the model has num_classes={model_cfg.num_classes}")
 
@@ -177,8 +178,13 @@ def train_classifier(
     run_dir: str | Path,
     resume: bool = True,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
-    """Train (resuming from run_dir's latest checkpoint when asked); returns the last metrics."""
+    """Train (resuming from run_dir's latest checkpoint when asked); returns the last metrics.
+
+    stop_at: leave after this step with a checkpoint (the schedule still spans train_cfg.steps), so a
+    long run can be split across calls that each resume where the previous one stopped.
+    """
     run_dir = Path(run_dir)
     check_compatible(model_cfg, train_ds, "training")
     if val_ds is not None:
@@ -203,7 +209,8 @@ def train_classifier(
     t0, window = time.time(), []
     result: dict[str, Any] = {"step": start}
     bar = tqdm(total=train_cfg.steps, initial=start, desc=f"train {model_cfg.attention}", disable=not progress)
-    for step in range(start, train_cfg.steps):
+    last = train_cfg.steps if stop_at is None else max(start, min(stop_at, train_cfg.steps))
+    for step in range(start, last):
         idx = plan(step)
         tokens, labels = collate_sequences([train_ds[i] for i in idx])
         torch.manual_seed(derive_seed("dropout", train_cfg.seed, step))
@@ -227,7 +234,7 @@ def train_classifier(
             metrics = evaluate(model, val_ds, train_cfg.eval_batch_size, max_batches=train_cfg.eval_max_batches)
             log.write({"step": done, "split": "val", **metrics})
             result["val"] = metrics
-        if done % train_cfg.save_every == 0 or done == train_cfg.steps:
+        if done % train_cfg.save_every == 0 or done in (train_cfg.steps, last):
             save_checkpoint(run_dir, done, model.state_dict(), None, optimizer, scheduler,
                             {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
                             keep=train_cfg.keep_checkpoints)

@@ -1,0 +1,159 @@
+"""Forward+backward time and peak memory of one attention sub-layer vs sequence length: HST vs dense.
+
+Each (implementation, length) point runs in a fresh subprocess so allocations never leak between
+points. The measured unit is what one transformer layer's attention costs in the model: pre-norm,
+Q/K/V/out projections, attention and the residual, forward and backward (batch 1, fp32).
+
+- dense:      `SparseSelfAttention.dense` (torch SDPA; on CPU it picks the fused flash kernel, which
+              never stores the n x n scores, so its memory is already linear; its time is quadratic)
+- dense-math: the same with SDPA forced to the unfused math kernel (explicit n x n scores, the textbook
+              Transformer); skipped above --math-max-len to stay inside this machine's RAM
+- hst:        `SparseSelfAttention.hierarchical` (representatives gather, tokens attend locally + reps)
+- bigbird:    `SparseSelfAttention.bigbird` (window + random blocks + globals)
+
+Peak memory: the worker resets the kernel's peak-RSS counter (write "5" to /proc/self/clear_refs),
+runs one forward+backward and reports VmHWM - VmRSS(before): the extra resident memory at the peak.
+Time: the fastest of --repeats further iterations (wall clock, torch.set_num_threads(--threads)); the
+minimum is the least disturbed by other processes on a shared machine. All timings are also saved.
+
+    python benchmarks/sparse_efficiency.py --threads 1 --out outputs/sparse_efficiency.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def rss_kib() -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def worker(args) -> dict:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ernielab.layers.norms import RMSNorm
+    from ernielab.layers.sparse_attention import SparseSelfAttention
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n, dim, g = args.length, args.dim, args.num_global
+    attn = SparseSelfAttention(dim, args.heads, args.block_size, window=1, num_random_blocks=args.random_blocks,
+                               max_blocks=n // args.block_size, seed=0)
+    norm = RMSNorm(dim)
+    seq = torch.randn(1, n, dim, requires_grad=True)
+    reps = torch.randn(1, g, dim, requires_grad=True)
+    valid = torch.ones(1, n, dtype=torch.bool)
+    full_valid = torch.ones(1, g + n, dtype=torch.bool)
+
+    def step():
+        if args.impl in ("dense", "dense-math"):
+            out = seq + attn.dense(norm(seq), valid)
+        elif args.impl == "hst":
+            new_reps, out = attn.hierarchical(reps, seq, valid, norm)
+            out = out + new_reps.sum() * 0
+        elif args.impl == "bigbird":
+            x = torch.cat([reps, seq], dim=1)
+            out = x + attn.bigbird(norm(x), full_valid, g)
+        else:
+            raise ValueError(args.impl)
+        out.square().mean().backward()
+        seq.grad = reps.grad = None
+        attn.zero_grad(set_to_none=True)
+
+    backend = SDPBackend.MATH if args.impl == "dense-math" else None
+    with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+        before, _ = rss_kib()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
+        except OSError:
+            pass
+        t0 = time.perf_counter()
+        step()
+        first = time.perf_counter() - t0
+        _, peak = rss_kib()
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return {"impl": args.impl, "length": n, "time_s": min(times) if times else first,
+            "times_s": times, "first_s": first, "peak_mib": (peak - before) / 1024, "threads": args.threads}
+
+
+def run_point(args, impl: str, length: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--length", str(length)]
+    for key in ("threads", "dim", "heads", "block_size", "num_global", "random_blocks", "repeats"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        return {"impl": impl, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict], impls: list[str], lengths: list[int]) -> str:
+    by = {(r["impl"], r["length"]): r for r in results}
+
+    def cell(impl, n, key, fmt):
+        r = by.get((impl, n))
+        return fmt.format(r[key]) if r and key in r else "-"
+
+    head = "| length | " + " | ".join(f"{i} time (s)" for i in impls) + " | " + \
+           " | ".join(f"{i} peak (MiB)" for i in impls) + " | dense / hst time | dense / hst memory |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for n in lengths:
+        d, h = by.get(("dense", n), {}), by.get(("hst", n), {})
+        speed = f"{d['time_s'] / h['time_s']:.1f}x" if "time_s" in d and "time_s" in h else "-"
+        mem = f"{d['peak_mib'] / h['peak_mib']:.1f}x" if "peak_mib" in d and "peak_mib" in h else "-"
+        lines.append(f"| {n} | " + " | ".join(cell(i, n, "time_s", "{:.3f}") for i in impls) + " | " +
+                     " | ".join(cell(i, n, "peak_mib", "{:.0f}") for i in impls) + f" | {speed} | {mem} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    p.add_argument("--impls", default="dense,hst,bigbird,dense-math")
+    p.add_argument("--math-max-len", type=int, default=8192, help="skip dense-math above this length")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--num-global", type=int, default=16, help="HST representatives / BigBird globals")
+    p.add_argument("--random-blocks", type=int, default=3, help="BigBird random blocks per query block")
+    p.add_argument("--repeats", type=int, default=3, help="timed iterations after the measured first one")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="hst", help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, default=1024, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    lengths = [int(x) for x in args.lengths.split(",")]
+    impls = args.impls.split(",")
+    results = []
+    for n in lengths:
+        for impl in impls:
+            if impl == "dense-math" and n > args.math_max_len:
+                continue
+            r = run_point(args, impl, n)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    print()
+    print(table(results, impls, lengths))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in
+                                                     ("worker", "impl", "length", "out")},
+                                        "results": results}, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
