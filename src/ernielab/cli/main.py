@@ -1,7 +1,6 @@
 """`ernielab` command line: train, generate, eval, info (+ family sub-commands)."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -9,45 +8,10 @@ from typing import Optional
 
 import typer
 
+from .common import UserError, parse_sets, user_errors
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ernielab: train, generate with and evaluate ERNIE-family models.")
-
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
-
-
-def friendly_errors(fn):
-    """Turn expected failures (bad files, configs, shapes) into one clear line and a non-zero exit."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (UserError, FileNotFoundError, IsADirectoryError, ValueError, json.JSONDecodeError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-
-    return wrapper
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """['model.num_layers=4', 'lr=1e-3'] -> nested dict with JSON-parsed values (strings if not JSON)."""
-    out: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"override {pair!r} is not KEY=VALUE")
-        key, raw = pair.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -66,11 +30,11 @@ def load_train_config(path: Path, overrides: list[str]):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"config file {path} is not valid JSON: {e}") from None
-    return TrainConfig.from_dict(deep_merge(data, parse_overrides(overrides)))
+    return TrainConfig.from_dict(deep_merge(data, parse_sets(overrides)))
 
 
 @app.command()
-@friendly_errors
+@user_errors
 def train(config: Path = typer.Argument(..., help="training config JSON (see configs/)"),
           set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set steps=100"),
           output_dir: Optional[str] = typer.Option(None, help="override output_dir"),
@@ -113,7 +77,7 @@ def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
 
 
 @app.command()
-@friendly_errors
+@user_errors
 def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or use --prompts FILE)"),
              output: Path = typer.Option(Path("out.png"), "-o", "--output", help="PNG path for a single prompt"),
              prompts: Optional[Path] = typer.Option(None, "--prompts", help="text file, one prompt per line"),
@@ -155,7 +119,7 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
 
 
 @app.command("eval")
-@friendly_errors
+@user_errors
 def eval_(model: Optional[Path] = typer.Option(None, help="pipeline folder (default: the bundled model)"),
           data: str = typer.Option("shapes", help="shapes | mnist | folder"),
           data_path: str = typer.Option("", help="folder/JSONL for --data folder"),
@@ -183,7 +147,7 @@ def eval_(model: Optional[Path] = typer.Option(None, help="pipeline folder (defa
 
 
 @app.command()
-@friendly_errors
+@user_errors
 def export(run_dir: Path = typer.Argument(..., help="training output_dir"),
            out: Path = typer.Option(..., "--out", help="pipeline folder to write"),
            checkpoint: Optional[Path] = typer.Option(None, help="checkpoint folder (default: latest)"),
@@ -199,7 +163,7 @@ def export(run_dir: Path = typer.Argument(..., help="training output_dir"),
 
 
 @app.command()
-@friendly_errors
+@user_errors
 def info(model: Optional[Path] = typer.Argument(None, help="pipeline folder (default: the bundled model)")):
     """Print a saved pipeline's configuration and parameter count."""
     from ..pipeline import DEFAULT_MODEL, describe

@@ -1,49 +1,16 @@
 """`ernielab unified ...`: VQ tokenizer, elastic MoE training, generation, captioning, sub-models, eval."""
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from .common import parse_sets, set_threads, user_errors
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ERNIE 5.0-style unified model: text + VQ image tokens, one elastic MoE trunk.")
-
-
-def user_errors(fn):
-    """Expected failures (bad files, configs, shapes) become one `error:` line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (FileNotFoundError, IsADirectoryError, ValueError, KeyError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-
-    return wrapper
-
-
-def set_threads(threads: int) -> None:
-    if threads > 0:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def parse_sets(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set {pair!r} is not KEY=VALUE")
-        key, raw = pair.split("=", 1)
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def preset(name: str):

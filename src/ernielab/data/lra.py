@@ -125,7 +125,7 @@ def generate_listops(spec: ListOpsSpec, seed: int = 0, progress: bool = True) ->
             if source in seen:
                 misses += 1
                 if misses > 100 * total + 1000:
-                    raise RuntimeError(f"only {len(rows)} distinct ListOps examples found; widen the length range")
+                    raise ValueError(f"only {len(rows)} distinct ListOps examples found; widen the length range")
                 continue
             seen.add(source)
             rows.append((source, listops_value(tree)))
@@ -364,7 +364,7 @@ def draw_pathfinder(rng: np.random.Generator, spec: PathfinderSpec, label: int, 
         if clear:
             break
     else:
-        raise RuntimeError("could not place non-touching curves; lower path lengths or distractors")
+        raise ValueError("could not place non-touching curves; lower path lengths or distractors")
     image = np.zeros((spec.size, spec.size), dtype=np.uint8)
     period = spec.dash + spec.gap
     for curve in curves:

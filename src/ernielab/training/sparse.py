@@ -8,7 +8,6 @@ Checkpoints reuse `training.checkpoint` (weights as safetensors, written atomica
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..data.lra import SequenceDataset, collate_sequences
 from ..models.sparse import SparseClassifier, SparseClassifierConfig, classification_loss
 from ..seeding import derive_seed, generator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .metrics import MetricsLog
 
 # fields that may change between a run and its resumption without changing what is learned so far
 RESUME_FREE_FIELDS = ("steps", "eval_every", "eval_batch_size", "eval_max_batches", "log_every", "save_every",
@@ -119,21 +119,6 @@ def evaluate(model: SparseClassifier, ds: SequenceDataset, batch_size: int = 64,
         count += len(chunk)
     model.train(was_training)
     return {"accuracy": correct / max(1, count), "loss": loss_sum / max(1, count), "count": count}
-
-
-class MetricsLog:
-    """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they will be redone)."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def build_model(model_cfg: SparseClassifierConfig, seed: int) -> SparseClassifier:

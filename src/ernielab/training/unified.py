@@ -31,23 +31,9 @@ from ..models.unified.tokenizer import BOS, EOS, TextTokenizer, build_text_vocab
 from ..models.unified.vq import VQTokenizer, psnr
 from ..seeding import derive_seed, generator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .metrics import MetricsLog
 
 RESUME_FREE_FIELDS = ("steps", "log_every", "save_every", "keep_checkpoints", "eval_size")
-
-
-class MetricsLog:
-    """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they are redone)."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:

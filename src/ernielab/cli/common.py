@@ -1,0 +1,55 @@
+"""Helpers every `ernielab` sub-command shares: one-line user errors, KEY=VALUE overrides, thread count."""
+from __future__ import annotations
+
+import functools
+import json
+
+import typer
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def user_errors(fn):
+    """Expected failures (bad files, configs, shapes) become one `error: ...` line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, FileNotFoundError, IsADirectoryError, ValueError, json.JSONDecodeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def parse_value(raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """['model.num_layers=4', 'lr=1e-3'] -> {'model': {'num_layers': 4}, 'lr': 0.001}; values parsed as JSON
+    when they are JSON, kept as strings otherwise."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r} is not KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = parse_value(raw)
+    return out
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
