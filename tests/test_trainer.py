@@ -75,3 +75,14 @@ def test_two_process_gloo(tmp_path):
     final = records[-1]
     assert final["world_size"] == 2 and final["replicas_in_sync"] is True
     assert (tmp_path / "ddp" / "pipeline" / "transformer" / "model.safetensors").is_file()
+
+
+def test_init_from_a_pipeline(tmp_path):
+    """Fine-tuning starts from saved weights (step 0, fresh optimizer); mismatched configs are refused."""
+    Trainer(tiny_config(tmp_path / "base", steps=2, ema_decay=0)).train()
+    saved = load_file(str(tmp_path / "base" / "pipeline" / "transformer" / "model.safetensors"))
+    tuned = Trainer(tiny_config(tmp_path / "tune", steps=2, init_from=str(tmp_path / "base" / "pipeline")))
+    assert all(torch.equal(tuned.model.state_dict()[k], v) for k, v in saved.items())
+    bigger = ErnieImageConfig.tiny(in_channels=48, text_in_dim=384).replace(num_layers=3)
+    with pytest.raises(ValueError, match="differs"):
+        Trainer(tiny_config(tmp_path / "bad", model=bigger, init_from=str(tmp_path / "base" / "pipeline")))

@@ -77,7 +77,7 @@ def evaluate(pipe: TextToImagePipeline, data: DataConfig, n_fid: int = 500, n_al
         report["fid_kid"] = compute_fid_kid(to_uint8(real["image"]), to_uint8(fake))
         report["fid_captions_sample"] = list(real["caption"][:8])
     align_images = {}
-    for kind, prompts in alignment_prompts(data.kind, n_align, seed).items():
+    for kind, prompts in (alignment_prompts(data.kind, n_align, seed) if n_align > 0 else {}).items():
         images = generate(prompts, seed + 100_000, f"generate ({kind})")
         align_images[kind] = (prompts, to_uint8(images))
         report.setdefault("alignment", {})[kind] = score_alignment(data.kind, prompts, align_images[kind][1])

@@ -56,6 +56,7 @@ class TrainConfig(Config):
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: str = "auto"  # "auto": latest checkpoint in output_dir; "": start fresh; else a checkpoint path
+    init_from: str = ""  # fine-tune: start a fresh run from the weights of a pipeline or transformer folder
     max_minutes: float = 0.0  # >0: stop (and save) after this wall time
     num_workers: int = 0
     gradient_checkpointing: bool = False
@@ -114,7 +115,18 @@ class Trainer:
     def build_model(self) -> nn.Module:
         model = ErnieImageTransformer(self.config.model)
         model.gradient_checkpointing = self.config.gradient_checkpointing
+        if self.config.init_from:
+            self.load_initial_weights(model, Path(self.config.init_from))
         return model
+
+    @staticmethod
+    def load_initial_weights(model: nn.Module, path: Path) -> None:
+        """Weights of a saved pipeline (its transformer/) or transformer folder; the configs must agree."""
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        pretrained = ErnieImageTransformer.from_pretrained(folder)
+        if pretrained.config != model.config:
+            raise ValueError(f"init_from {path}: its transformer config differs from the training config's model")
+        model.load_state_dict(pretrained.state_dict())
 
     def check_shapes(self) -> None:
         cfg = self.config
