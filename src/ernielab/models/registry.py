@@ -23,3 +23,6 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> nn
     from .image import ErnieImageTransformer
 
     return ErnieImageTransformer.from_pretrained(path, dtype=dtype)
+
+
+from ..diffusion import experts as _experts  # noqa: E402,F401  registers the mixture-of-denoising-experts loader
