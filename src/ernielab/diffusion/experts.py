@@ -26,16 +26,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..config import Config
+from ..models.persistence import CONFIG_NAME, WEIGHTS_NAME, load_checked, save_model_folder
 from ..models.registry import register_loader
 from .flow_matching import TIMESTEP_SCALE
 
 MODEL_TYPE = "mixture_of_denoising_experts"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 # ---- boundaries and routing ------------------------------------------------------------------
@@ -202,11 +201,7 @@ class MixtureOfDenoisingExperts(nn.Module):
 
     # ---- persistence -------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt", "library": "ernielab"})
-        self.config.save(path / CONFIG_NAME)
+        save_model_folder(self, self.config, path, dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "MixtureOfDenoisingExperts":
@@ -219,14 +214,7 @@ class MixtureOfDenoisingExperts(nn.Module):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
         experts = [_import_class(e["class"])(config.expert_config(i)) for i, e in enumerate(config.experts)]
         model = cls(experts, config.boundaries)
-        state = load_file(str(path / WEIGHTS_NAME))
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-        if missing or unexpected or wrong:
-            raise ValueError(f"checkpoint {path} does not fit its config: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}, shape mismatches {wrong[:3]}")
-        model.load_state_dict(state)
+        load_checked(model, load_file(str(path / WEIGHTS_NAME)), f"mixture of experts (from {path})")
         return model.to(dtype)
 
 

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ...layers import GeGLU, RMSNorm, SelfAttention, TimestepEmbedding, modulate, rope_angles, rope_cos_sin
+from ..persistence import CONFIG_NAME, load_checked, save_model_folder
 from .config import ErnieImageConfig
 from .convert import from_diffusers_state_dict, to_diffusers_state_dict
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 class SharedAdaLNBlock(nn.Module):
@@ -136,11 +134,7 @@ class ErnieImageTransformer(nn.Module):
         return sum(t.numel() for t in self.parameters())
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt", "library": "ernielab"})
-        self.config.save(path / CONFIG_NAME)
+        save_model_folder(self, self.config, path, dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "ErnieImageTransformer":
@@ -175,19 +169,4 @@ class ErnieImageTransformer(nn.Module):
         return to_diffusers_state_dict(self.state_dict())
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor]) -> None:
-        """load_state_dict with one readable error for missing/unexpected keys or shape mismatches."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in own.items() if k in state and state[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-            if wrong:
-                parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:2]})")
-            raise ValueError("checkpoint does not fit this ErnieImageTransformer: " + "; ".join(parts))
-        self.load_state_dict(state)
+        load_checked(self, state, "ErnieImageTransformer")
