@@ -11,7 +11,11 @@ A constant learning rate after warm-up makes the baseline's step-`stage1` checkp
 Each is scored on FID/KID (generated vs real held-out shapes images), shapes-world alignment
 (colour, shape, count, relation, all-correct, on canonical prompts) and sampling seconds per image.
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vilg_ablation.py --out runs/vilg_ablation
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vilg_ablation.py --out runs/vilg_ablation_long
+
+(defaults: 1600 steps x 32 = 51,200 samples per variant, about 40 min on one idle core; docs/vilg.md has
+the table and a smaller `--steps 400 --stage1 200` run). Besides FID/KID/alignment it reports the held-out
+velocity MSE per quarter of sigma, a low-variance view of where experts help.
 
 Runs resume: finished variants are skipped, interrupted ones continue from their last checkpoint.
 """
