@@ -8,7 +8,6 @@ Checkpoints reuse `training.checkpoint` (weights as safetensors, written atomica
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from ..models.sparse import SparseClassifier, SparseClassifierConfig, classifica
 from ..seeding import derive_seed, generator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog
+from .schedules import lr_factor
 
 # fields that may change between a run and its resumption without changing what is learned so far
 RESUME_FREE_FIELDS = ("steps", "eval_every", "eval_batch_size", "eval_max_batches", "log_every", "save_every",
@@ -51,13 +51,6 @@ class SparseTrainConfig(Config):
             raise ValueError("steps and batch_size must be >= 1")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-
-
-def lr_factor(cfg: SparseTrainConfig, step: int) -> float:
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    if cfg.lr_schedule == "constant":
-        return warm
-    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.steps)))
 
 
 class BatchPlan:
@@ -178,7 +171,8 @@ def train_classifier(
         raise ValueError(f"training split has {len(train_ds)} examples, fewer than batch_size {train_cfg.batch_size}")
     model = build_model(model_cfg, train_cfg.seed)
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(train_cfg, s))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, train_cfg.steps, train_cfg.warmup_steps, train_cfg.lr_schedule))
     if not resume and latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; resume, or train into a new run directory")
     start = restore(run_dir, model, optimizer, scheduler, model_cfg, train_cfg) if resume else 0

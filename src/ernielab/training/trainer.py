@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ..pipeline import PipelineConfig, TextToImagePipeline
 from ..seeding import generator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .ema import EMA
+from .schedules import lr_factor
 
 
 @dataclasses.dataclass
@@ -77,17 +77,6 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self):  # endless; DataLoader only needs it for len()
         return 2**62
-
-
-def lr_lambda(cfg: TrainConfig):
-    def f(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        if cfg.lr_schedule == "cosine":
-            progress = min(1.0, step / max(1, cfg.steps))
-            return warm * 0.5 * (1 + math.cos(math.pi * progress))
-        return warm
-
-    return f
 
 
 class Trainer:
@@ -162,7 +151,8 @@ class Trainer:
     def train(self) -> dict:
         cfg, acc = self.config, self.accelerator
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
         step = self.maybe_resume(opt, sched)
         model, opt = acc.prepare(self.model, opt)
         loader = DataLoader(self.dataset, collate_fn=collate, num_workers=cfg.num_workers,

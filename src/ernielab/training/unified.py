@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,9 @@ from ..models.unified.vq import VQTokenizer, psnr
 from ..seeding import derive_seed, generator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog
+from .schedules import lr_factor
 
 RESUME_FREE_FIELDS = ("steps", "log_every", "save_every", "keep_checkpoints", "eval_size")
-
-
-def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    progress = min(1.0, step / max(1, total))
-    return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def restore(run_dir: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler, config: dict,
@@ -130,7 +124,8 @@ def train_vq(vq_cfg: VQConfig, cfg: VQTrainConfig, run_dir: str | Path, resume: 
     torch.manual_seed(derive_seed("vq-init", cfg.seed))
     vq = VQTokenizer(vq_cfg)
     optimizer = torch.optim.AdamW(vq.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, cfg.steps, cfg.warmup_steps, 0.1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, "cosine", 0.1))
     if not resume and latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; resume, or train into a new run directory")
     modules = {"vq": vq}
@@ -302,7 +297,7 @@ def train_unified(model_cfg: UnifiedConfig, cfg: UnifiedTrainConfig, vq_dir: str
     model = UnifiedTransformer(model_cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, "cosine", cfg.min_lr_ratio))
     if not resume and latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; resume, or train into a new run directory")
     modules = {"model": model}
