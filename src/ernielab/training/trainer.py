@@ -62,6 +62,12 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = False
 
 
+def pipeline_config(cfg: TrainConfig) -> PipelineConfig:
+    """What a trained model ships with: the sampling defaults plus the encoder, latents and size it was trained on."""
+    return cfg.sampling.replace(text_encoder=cfg.text_encoder, latent=cfg.latent,
+                                height=cfg.data.image_size, width=cfg.data.image_size)
+
+
 class StepBatchSampler(torch.utils.data.Sampler):
     """Endless batches; batch k of process r is a function of (seed, k, r) alone, so resuming is exact."""
 
@@ -261,9 +267,7 @@ class Trainer:
         return shipped
 
     def export_pipeline(self, path: Path, dtype: torch.dtype | None = None) -> None:
-        sampling = self.config.sampling.replace(text_encoder=self.config.text_encoder, latent=self.config.latent,
-                                                height=self.config.data.image_size,
-                                                width=self.config.data.image_size)
+        sampling = pipeline_config(self.config)
         pipe = TextToImagePipeline(self.final_model().float().eval(), self.text_encoder, self.latent_space, sampling)
         pipe.save_pretrained(path, dtype=dtype)
 
@@ -283,8 +287,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, checkpoint: str | Pa
     model = ErnieImageTransformer(cfg.model)
     state = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
     model.load_state_dict_checked({k: v.to(torch.float32) for k, v in state.items()})
-    sampling = cfg.sampling.replace(text_encoder=cfg.text_encoder, latent=cfg.latent,
-                                    height=cfg.data.image_size, width=cfg.data.image_size)
+    sampling = pipeline_config(cfg)
     out = Path(out)
     model.save_pretrained(out / "transformer", dtype=dtype)
     sampling.save(out / "pipeline.json")

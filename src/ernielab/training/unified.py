@@ -21,13 +21,14 @@ from ..config import Config
 from ..data.shapes import caption, render, sample_item_scene
 from ..layers.moe import balance_stats, expert_load
 from ..models.unified.config import UnifiedConfig, VQConfig
-from ..models.unified.evaluation import caption_correct, heldout, to_uint8
+from ..models.unified.evaluation import caption_correct, heldout
 from ..models.unified.io import load_vq, save_model, save_vq
 from ..models.unified.model import IMAGE, IMAGE_START, TEXT, SubModel, UnifiedTransformer, unified_loss
 from ..models.unified.sequences import collate, image_to_text_sequence, text_sequence, text_to_image_sequence
 from ..models.unified.submodel import sample_submodel, submodel_summary
 from ..models.unified.tokenizer import BOS, EOS, TextTokenizer, build_text_vocab
 from ..models.unified.vq import VQTokenizer, psnr
+from ..pipeline import to_uint8
 from ..seeding import derive_seed, generator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog

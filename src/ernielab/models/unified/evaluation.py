@@ -19,6 +19,7 @@ import torch
 from ...data.shapes import KINDS, ShapesWorld, make_prompts
 from ...eval.alignment import check, score
 from ...layers.moe import balance_stats, expert_load
+from ...pipeline import to_uint8
 from ...seeding import generator
 from .generate import caption_codes, generate_image_codes, text_nll
 from .model import IMAGE, IMAGE_START, TEXT, SubModel, UnifiedTransformer
@@ -31,11 +32,6 @@ def heldout(n: int, image_size: int, seed: int = 0, split: str = "val") -> tuple
     ds = ShapesWorld(n, image_size, seed=seed, split=split)
     items = [ds[i] for i in range(n)]
     return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def caption_correct(caption: str, image: np.ndarray) -> bool:
