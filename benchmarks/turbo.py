@@ -34,6 +34,9 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled model)")
     ap.add_argument("--student", action="append", default=[], help="NAME=FOLDER of a distilled student (repeatable)")
+    ap.add_argument("--teacher-guidance", type=float, action="append", default=[],
+                    help="extra 50-step teacher row at this CFG scale (repeatable), e.g. the scale a student's "
+                         "real score used when it differs from the teacher's released one")
     ap.add_argument("--n-fid", type=int, default=300)
     ap.add_argument("--n-align", type=int, default=50, help="prompts per alignment kind")
     ap.add_argument("--seed", type=int, default=0)
@@ -57,6 +60,9 @@ def rows(args) -> list[dict]:
             "shift": cfg.shift, "path": path} for steps in (50, 8, 4)]
     out.append({"name": "teacher_8_nocfg", "pipe": teacher, "steps": 8, "guidance": 1.0, "shift": cfg.shift,
                 "path": path})  # what a student starts from: same cost per image as an 8-step student
+    for scale in args.teacher_guidance:
+        out.append({"name": f"teacher_50_cfg{scale:g}", "pipe": teacher, "steps": 50, "guidance": scale,
+                    "shift": cfg.shift, "path": path})
     for spec in args.student:
         name, _, path = spec.partition("=")
         if not path:

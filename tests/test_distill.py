@@ -59,6 +59,44 @@ def test_mt_dmd_with_regression(tmp_path, tiny_pipeline_dir):
     assert json.loads((tmp_path / "train_config.json").read_text())["sampling"]["guidance_scale"] == 1.0
 
 
+def test_gan_head_trains_resumes_exactly_and_leaves_the_fake_net_out_of_the_generator_step(tmp_path, tiny_pipeline_dir):
+    gan = dict(gan_weight=0.5, gan_feature_depth=1)
+    DistillTrainer(tiny_distill(tmp_path / "straight", tiny_pipeline_dir, **gan)).train()
+    DistillTrainer(tiny_distill(tmp_path / "split", tiny_pipeline_dir, steps=2, **gan)).train()
+    DistillTrainer(tiny_distill(tmp_path / "split", tiny_pipeline_dir, **gan)).train()
+    records = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss_gan" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert all(r["loss_gan"] > 0 and r["loss_disc"] > 0 and 0 <= r["disc_acc"] <= 1 for r in logged)
+    a, b = (torch.load(latest_checkpoint(tmp_path / d) / "optimizer.pt", weights_only=False) for d in ("straight", "split"))
+    head_a, head_b = a["optimizer"]["gan_head"], b["optimizer"]["gan_head"]
+    assert all(torch.equal(head_a[k], head_b[k]) for k in head_a)  # the head resumes exactly too
+    # a run that started without the head refuses to resume with it
+    with pytest.raises(ValueError, match="GAN head"):
+        DistillTrainer(tiny_distill(tmp_path / "split", tiny_pipeline_dir, steps=6)).train()
+
+    # the generator's GAN loss reaches the student's sample, not the fake net's weights
+    trainer = DistillTrainer(tiny_distill(tmp_path / "probe", tiny_pipeline_dir, **gan))
+    x0 = torch.randn(2, 48, 8, 8, requires_grad=True)
+    cond, _ = trainer.encode(["a red circle", "two blue squares"])
+    trainer.gan_generator_loss(x0, cond, torch.Generator().manual_seed(0)).backward()
+    assert x0.grad.abs().sum() > 0
+    assert all(p.grad is None for p in trainer.fake.parameters()) and all(p.requires_grad for p in trainer.fake.parameters())
+
+
+def test_hidden_states_are_the_image_tokens_after_that_many_blocks(tiny_pipeline_dir):
+    from ernielab.models.image import ErnieImageTransformer
+
+    model = ErnieImageTransformer.from_pretrained(tiny_pipeline_dir / "transformer").eval()
+    x, t, text = torch.randn(1, 48, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, model.config.text_in_dim)
+    seen = []
+    model.layers[0].register_forward_hook(lambda module, args, out: seen.append(out[:, :64]))
+    out, hidden = model(x, t, text, return_hidden_at=1)
+    assert torch.equal(out, model(x, t, text)) and torch.equal(hidden, seen[0])
+    with pytest.raises(ValueError, match="return_hidden_at"):
+        model(x, t, text, return_hidden_at=model.config.num_layers + 1)
+
+
 def test_mixture_weights_sum_to_one_and_route_by_sigma():
     layout = TeacherSpec(path="a", knots=[[0.3, 0.0], [0.7, 1.0]], center=0.9)
     detail = TeacherSpec(path="b", knots=[[0.3, 1.0], [0.7, 0.0]], center=0.1)

@@ -12,8 +12,10 @@ Per generator update (all draws seeded by (seed, step), so a resumed run is exac
    same noise (a small set computed once and cached in the run folder).
 4. Two-time-scale update: `fake_updates` flow-matching steps of the fake-score net on the
    detached x0_hat (fresh noise and sigma each), as DMD2's TTUR.
-
-No GAN head (DMD2's optional discriminator on fake-score features is omitted).
+5. Optional GAN head (DMD2): a small per-token classifier on the fake-score net's hidden image
+   tokens tells noised real images (the data batch) from noised student samples. It trains with the
+   fake-score updates (its loss added to theirs); the generator adds a non-saturating loss through it.
+   Real data is what lets the student move past the teacher's errors instead of only copying them.
 
 The run folder is a normal training run: `checkpoints/` (student weights + EMA as model/ema;
 fake-score weights and both optimizers in optimizer.pt), `metrics.jsonl`, `train_config.json`
@@ -22,12 +24,14 @@ fake-score weights and both optimizers in optimizer.pt), `metrics.jsonl`, `train
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -68,6 +72,11 @@ class DistillConfig(TrainConfig):
     regression_pairs: int = 0  # teacher ODE samples computed once (0: no regression loss)
     regression_batch: int = 8
     teacher_steps: int = 50  # ODE steps of the regression targets
+    gan_weight: float = 0.0  # generator's non-saturating GAN loss weight (0: no GAN head)
+    gan_disc_weight: float = 1.0  # discriminator loss weight inside the fake-score updates
+    gan_feature_depth: int = 0  # blocks of the fake-score net before the head reads them; 0 = half the depth
+    gan_sigma_max: float = 1.0  # GAN inputs are re-noised to sigma in [0, gan_sigma_max]: low noise shows fine detail
+    fake_init_from: str = ""  # fake-score net's initial weights (a data denoiser, e.g. the teacher); "" = init_from
     # TrainConfig defaults that suit distillation better
     output_dir: str = "runs/distill"
     lr: float = 2e-5
@@ -95,6 +104,10 @@ def resolve_config(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(f"need 0 < dmd_sigma_min < dmd_sigma_max <= 1, got {cfg.dmd_sigma_min}, {cfg.dmd_sigma_max}")
     if cfg.grad_accum != 1:
         raise ValueError("distillation does not support grad_accum > 1")
+    if cfg.gan_weight < 0 or cfg.gan_disc_weight < 0:
+        raise ValueError(f"GAN weights must be >= 0, got {cfg.gan_weight}, {cfg.gan_disc_weight}")
+    if not 0.0 < cfg.gan_sigma_max <= 1.0:
+        raise ValueError(f"gan_sigma_max must lie in (0, 1], got {cfg.gan_sigma_max}")
     for spec in specs:
         if not Path(spec.path).exists():
             raise FileNotFoundError(f"teacher folder not found: {spec.path}")
@@ -109,9 +122,16 @@ def resolve_config(cfg: DistillConfig) -> DistillConfig:
     sampling = cfg.sampling.replace(steps=int(cfg.student_steps[0]), guidance_scale=1.0, shift=cfg.student_shift,
                                     text_encoder=pipe_cfg.text_encoder, latent=pipe_cfg.latent,
                                     height=pipe_cfg.height, width=pipe_cfg.width)
+    depth = cfg.gan_feature_depth or max(1, model_cfg.num_layers // 2)
+    if not 1 <= depth <= model_cfg.num_layers:
+        raise ValueError(f"gan_feature_depth must lie in 1..{model_cfg.num_layers}, got {cfg.gan_feature_depth}")
+    fake_init = Path(cfg.fake_init_from) if cfg.fake_init_from else init
+    if not fake_init.exists():
+        raise FileNotFoundError(f"fake_init_from folder not found: {fake_init}")
     return cfg.replace(model=model_cfg, text_encoder=pipe_cfg.text_encoder, latent=pipe_cfg.latent,
                        data=cfg.data.replace(image_size=pipe_cfg.height), sampling=sampling,
-                       init_from=str(init), student_steps=tuple(int(n) for n in cfg.student_steps))
+                       init_from=str(init), student_steps=tuple(int(n) for n in cfg.student_steps),
+                       gan_feature_depth=depth, fake_init_from=str(fake_init))
 
 
 def plain_train_config(cfg: DistillConfig) -> TrainConfig:
@@ -119,24 +139,56 @@ def plain_train_config(cfg: DistillConfig) -> TrainConfig:
     return TrainConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k in names})
 
 
-class TrainingState:
-    """What resumes the distillation besides the student: fake-score net and both optimizers/schedulers.
-    Passed to save_checkpoint as its 'optimizer' (anything with state_dict), so the checkpoint's
-    model/ema files stay the student's and `ernielab export` reads them unchanged."""
+class DiscriminatorHead(nn.Module):
+    """Per-token real/fake logits from hidden image tokens (a patch-GAN on the fake-score features)."""
 
-    def __init__(self, opt_g, opt_f, sched_f, fake: nn.Module):
-        self.opt_g, self.opt_f, self.sched_f, self.fake = opt_g, opt_f, sched_f, fake
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden.float()).squeeze(-1)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Parameters stop collecting gradients (the generator's GAN loss must only move the student)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class TrainingState:
+    """What resumes the distillation besides the student: fake-score net (+ GAN head) and both
+    optimizers/schedulers. Passed to save_checkpoint as its 'optimizer' (anything with state_dict), so the
+    checkpoint's model/ema files stay the student's and `ernielab export` reads them unchanged."""
+
+    def __init__(self, opt_g, opt_f, sched_f, fake: nn.Module, head: nn.Module | None = None):
+        self.opt_g, self.opt_f, self.sched_f, self.fake, self.head = opt_g, opt_f, sched_f, fake, head
 
     def state_dict(self) -> dict:
-        return {"generator": self.opt_g.state_dict(), "fake_optimizer": self.opt_f.state_dict(),
-                "fake_scheduler": self.sched_f.state_dict(),
-                "fake_model": {k: v.detach().cpu() for k, v in self.fake.state_dict().items()}}
+        state = {"generator": self.opt_g.state_dict(), "fake_optimizer": self.opt_f.state_dict(),
+                 "fake_scheduler": self.sched_f.state_dict(),
+                 "fake_model": {k: v.detach().cpu() for k, v in self.fake.state_dict().items()}}
+        if self.head is not None:
+            state["gan_head"] = {k: v.detach().cpu() for k, v in self.head.state_dict().items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if (self.head is None) != ("gan_head" not in state):
+            raise ValueError("checkpoint and config disagree on the GAN head (gan_weight); resume with the "
+                             "settings the run started with, or start a new output_dir")
         self.opt_g.load_state_dict(state["generator"])
         self.opt_f.load_state_dict(state["fake_optimizer"])
         self.sched_f.load_state_dict(state["fake_scheduler"])
         self.fake.load_state_dict(state["fake_model"])
+        if self.head is not None:
+            self.head.load_state_dict(state["gan_head"])
 
 
 # ---- the trainer -------------------------------------------------------------------------------
@@ -154,7 +206,11 @@ class DistillTrainer(Trainer):
                 if getattr(teacher.config, name) != getattr(cfg.model, name):
                     raise ValueError(f"teacher {spec.path}: {name} {getattr(teacher.config, name)} differs from the "
                                      f"student's {getattr(cfg.model, name)}")
-        self.fake = copy.deepcopy(self.model)  # fake score starts as the (first) teacher / student init
+        # The fake score starts as a denoiser of the data (DMD2: the teacher), not as the few-step student.
+        self.fake = copy.deepcopy(self.model)
+        if Path(cfg.fake_init_from) != Path(cfg.init_from):
+            self.load_initial_weights(self.fake, Path(cfg.fake_init_from))
+        self.head = DiscriminatorHead(cfg.model.hidden_size).to(device) if cfg.gan_weight > 0 else None
         self.metrics: MetricsLog | None = None
 
     # ---- pieces of one update ---------------------------------------------------------------
@@ -203,24 +259,59 @@ class DistillTrainer(Trainer):
             x = x + (sigmas[i + 1] - sigmas[i]) * student(x, sigmas[i].expand(len(x)) * TIMESTEP_SCALE, *cond)
         return ((x.float() - pairs["target"][idx].to(x.device).float()) ** 2).mean()
 
-    def fake_score_updates(self, fake, opt_f, sched_f, x0: torch.Tensor, cond, step: int) -> float:
+    def gan_generator_loss(self, x0: torch.Tensor, cond, g: torch.Generator) -> torch.Tensor:
+        """Non-saturating GAN loss of the student's x0_hat, re-noised, through the frozen fake-score features."""
+        t = self.gan_sigmas(len(x0), g, x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        with frozen(self.fake, self.head):
+            _, hidden = self.fake(add_noise(x0, noise, t), t * TIMESTEP_SCALE, *cond,
+                                  return_hidden_at=self.config.gan_feature_depth)
+            return F.softplus(-self.head(hidden)).mean()
+
+    def gan_sigmas(self, n: int, g: torch.Generator, device) -> torch.Tensor:
+        cfg = self.config
+        return cfg.gan_sigma_max * sample_training_sigmas(n, g, cfg.timestep_sampling, cfg.timestep_shift, device)
+
+    def fake_score_updates(self, fake, head, opt_f, sched_f, x0: torch.Tensor, real: torch.Tensor | None,
+                           cond, step: int) -> dict:
+        """Flow matching of the fake score on student samples; with a GAN head, plus the discriminator loss
+        on (noised) student samples vs. the batch's real images under the same captions."""
         cfg, acc = self.config, self.accelerator
-        losses = []
+        params = list(fake.parameters()) + (list(head.parameters()) if head is not None else [])
+        records = []
         for j in range(cfg.fake_updates):
             g = generator("fake", cfg.seed, step, j, self.rank)
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
             t = sample_training_sigmas(len(x0), g, cfg.timestep_sampling, cfg.timestep_shift, x0.device)
             with acc.autocast():
-                pred = fake(add_noise(x0, noise, t), t * TIMESTEP_SCALE, *cond)
-                loss = flow_matching_loss(pred, x0, noise).mean()
+                if head is None:
+                    pred = fake(add_noise(x0, noise, t), t * TIMESTEP_SCALE, *cond)
+                    loss_fm = flow_matching_loss(pred, x0, noise).mean()
+                    loss, record = loss_fm, {}
+                else:  # one pass: velocity loss on the first third, logits on the other two
+                    # [student at the score's sigma; student at a GAN sigma; real at a GAN sigma]
+                    gan_noise = torch.randn((2, *x0.shape), generator=g).to(x0.device)
+                    t_gan = self.gan_sigmas(2 * len(x0), g, x0.device)
+                    xt = torch.cat([add_noise(x0, noise, t), add_noise(x0, gan_noise[0], t_gan[: len(x0)]),
+                                    add_noise(real, gan_noise[1], t_gan[len(x0):])])
+                    triple = tuple(torch.cat([c, c, c]) for c in cond)
+                    pred, hidden = fake(xt, torch.cat([t, t_gan]) * TIMESTEP_SCALE, *triple,
+                                        return_hidden_at=cfg.gan_feature_depth)
+                    loss_fm = flow_matching_loss(pred[: len(x0)], x0, noise).mean()
+                    logits = head(hidden[len(x0):])
+                    fake_logits, real_logits = logits[: len(x0)], logits[len(x0):]
+                    loss_d = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+                    loss = loss_fm + cfg.gan_disc_weight * loss_d
+                    record = {"loss_disc": loss_d.detach().float(),
+                              "disc_acc": 0.5 * ((fake_logits < 0).float().mean() + (real_logits > 0).float().mean())}
             acc.backward(loss)
             if cfg.grad_clip > 0:
-                acc.clip_grad_norm_(fake.parameters(), cfg.grad_clip)
+                acc.clip_grad_norm_(params, cfg.grad_clip)
             opt_f.step()
             opt_f.zero_grad(set_to_none=True)
-            losses.append(loss.detach().float())
+            records.append({"loss_fake": loss_fm.detach().float(), **record})
         sched_f.step()
-        return torch.stack(losses).mean().item()
+        return {k: torch.stack([r[k] for r in records]).mean().item() for k in records[0]}
 
     # ---- regression targets ----------------------------------------------------------------
     @torch.no_grad()
@@ -232,7 +323,9 @@ class DistillTrainer(Trainer):
         path = self.out / REGRESSION_FILE
         if path.is_file():
             pairs = torch.load(path, weights_only=False)
-            if len(pairs["noise"]) == cfg.regression_pairs and pairs.get("teacher_steps") == cfg.teacher_steps:
+            # reuse only targets of the same teachers (paths, guidance, weights), count and ODE steps
+            if (len(pairs["noise"]) == cfg.regression_pairs and pairs.get("teacher_steps") == cfg.teacher_steps
+                    and pairs.get("teachers") == list(cfg.teachers)):
                 return pairs
         g = generator("regression-pairs", cfg.seed)
         idx = torch.randint(len(self.dataset), (cfg.regression_pairs,), generator=g).tolist()
@@ -246,7 +339,8 @@ class DistillTrainer(Trainer):
             cond, uncond = self.encode(captions[s : s + 32])
             targets.append(euler_sample(lambda x, sig: self.teachers(x, sig, cond, uncond),
                                         noise[s : s + 32].to(self.accelerator.device), sigmas).cpu())
-        pairs = {"captions": captions, "noise": noise, "target": torch.cat(targets), "teacher_steps": cfg.teacher_steps}
+        pairs = {"captions": captions, "noise": noise, "target": torch.cat(targets), "teacher_steps": cfg.teacher_steps,
+                 "teachers": list(cfg.teachers)}
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             torch.save(pairs, path)
@@ -256,11 +350,12 @@ class DistillTrainer(Trainer):
     def train(self) -> dict:
         cfg, acc = self.config, self.accelerator
         opt_g = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        opt_f = torch.optim.AdamW(self.fake.parameters(), lr=cfg.fake_lr or cfg.lr, weight_decay=cfg.weight_decay)
+        fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
+        opt_f = torch.optim.AdamW(fake_params, lr=cfg.fake_lr or cfg.lr, weight_decay=cfg.weight_decay)
         schedule = lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)  # noqa: E731
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
         sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, schedule)
-        state = TrainingState(opt_g, opt_f, sched_f, self.fake)
+        state = TrainingState(opt_g, opt_f, sched_f, self.fake, self.head)
         step = self.maybe_resume(state, sched_g)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +364,7 @@ class DistillTrainer(Trainer):
         self.metrics = MetricsLog(self.out / "metrics.jsonl", step) if acc.is_main_process else None
         pairs = self.regression_pairs()
         student, fake, opt_g, opt_f = acc.prepare(self.model, self.fake, opt_g, opt_f)
+        head = acc.prepare(self.head) if self.head is not None else None
         loader = DataLoader(self.dataset, collate_fn=collate, num_workers=cfg.num_workers,
                             batch_sampler=StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed,
                                                            start=step, rank=self.rank))
@@ -279,7 +375,7 @@ class DistillTrainer(Trainer):
         for batch in loader:
             if step >= cfg.steps:
                 break
-            record = self.generator_update(student, opt_g, fake, opt_f, sched_f, pairs, batch, step)
+            record = self.generator_update(student, opt_g, fake, head, opt_f, sched_f, pairs, batch, step)
             step += 1
             sched_g.step()
             if self.ema is not None:
@@ -306,7 +402,7 @@ class DistillTrainer(Trainer):
         acc.wait_for_everyone()
         return {"step": step, "elapsed_s": time.time() - t0, "student": str(self.out / "student")}
 
-    def generator_update(self, student, opt_g, fake, opt_f, sched_f, pairs, batch, step: int) -> dict:
+    def generator_update(self, student, opt_g, fake, head, opt_f, sched_f, pairs, batch, step: int) -> dict:
         cfg, acc = self.config, self.accelerator
         g = self.generator(step)
         cond, uncond = self.encode(list(batch["caption"]))
@@ -314,17 +410,22 @@ class DistillTrainer(Trainer):
             x0, info = self.backward_simulation(student, cond, g)
             loss_dmd = self.dmd_loss(x0, cond, uncond, g)
             loss = loss_dmd
-            loss_reg = torch.zeros(())
+            loss_reg = loss_gan = torch.zeros(())
             if pairs is not None:
                 loss_reg = self.regression_loss(student, pairs, step)
                 loss = loss + cfg.regression_weight * loss_reg
+            if head is not None:
+                loss_gan = self.gan_generator_loss(x0, cond, g)
+                loss = loss + cfg.gan_weight * loss_gan
         acc.backward(loss)
         if cfg.grad_clip > 0:
             acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-        loss_fake = self.fake_score_updates(fake, opt_f, sched_f, x0.detach().float(), cond, step)
-        return {"loss_dmd": loss_dmd.item(), "loss_reg": loss_reg.item(), "loss_fake": loss_fake,
+        real = self.latent_space.encode(batch["image"].to(x0.device)).float() if head is not None else None
+        fake_record = self.fake_score_updates(fake, head, opt_f, sched_f, x0.detach().float(), real, cond, step)
+        gan = {"loss_gan": loss_gan.item()} if head is not None else {}
+        return {"loss_dmd": loss_dmd.item(), "loss_reg": loss_reg.item(), **gan, **fake_record,
                 "student_k": info["student_k"]}
 
     # ---- persistence -------------------------------------------------------------------------

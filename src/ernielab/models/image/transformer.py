@@ -86,13 +86,16 @@ class ErnieImageTransformer(nn.Module):
         text: torch.Tensor,
         text_lens: torch.Tensor | None = None,
         attn_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_hidden_at: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the flow velocity.
 
         x: latents [B, C, H, W]; timestep: [B] on the 0..1000 scale (sigma * 1000);
         text: [B, T, text_in_dim] right-padded; text_lens: [B] valid lengths (all T if None);
         attn_bias: optional additive attention logits broadcastable to [B, heads, S, S], S = N_img + T
-        (training-time knowledge enhancement uses it).
+        (training-time knowledge enhancement uses it);
+        return_hidden_at: also return the image tokens' hidden states [B, N_img, hidden] after that many
+        blocks (a discriminator head on the fake-score net reads them during distillation).
         """
         cfg = self.config
         B, C, H, W = x.shape
@@ -116,18 +119,24 @@ class ErnieImageTransformer(nn.Module):
         c = self.time_embedding(timestep, dtype=h.dtype)
         mod = [m[:, None] for m in self.adaln(F.silu(c)).chunk(6, dim=-1)]
 
-        for layer in self.layers:
+        if return_hidden_at is not None and not 0 <= return_hidden_at <= cfg.num_layers:
+            raise ValueError(f"return_hidden_at must lie in 0..{cfg.num_layers}, got {return_hidden_at}")
+        hidden = h[:, : gh * gw] if return_hidden_at == 0 else None
+        for depth, layer in enumerate(self.layers, start=1):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, mod, rope, mask, attn_bias, use_reentrant=False)
             else:
                 h = layer(h, mod, rope, mask, attn_bias)
+            if depth == return_hidden_at:
+                hidden = h[:, : gh * gw]
 
         scale, shift = self.final_modulation(c).chunk(2, dim=-1)
         h = self.final_norm(h) * (1 + scale[:, None]) + shift[:, None]
         out = self.proj_out(h[:, : gh * gw])
         # token (y, x) holds a p x p x C patch; lay it back out as [B, C, H, W]
         out = out.view(B, gh, gw, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(B, cfg.out_channels, H, W)
+        out = out.reshape(B, cfg.out_channels, H, W)
+        return out if return_hidden_at is None else (out, hidden)
 
     # ---- persistence ---------------------------------------------------------------------------
     def num_parameters(self) -> int:
