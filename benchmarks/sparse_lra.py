@@ -6,9 +6,23 @@ from their checkpoints and results are merged into --out, so models can be train
 
     python benchmarks/sparse_lra.py --task listops --models dense --threads 1
     python benchmarks/sparse_lra.py --task listops --models bigbird,hst,hst-sar --threads 1
+    python benchmarks/sparse_lra.py --task listops --seed 1 --threads 1     # another training seed
+    python benchmarks/sparse_lra.py --task listops --models none            # only print the tables
+
+--seed N (N > 0) trains into `<runs>/<task>-<model>-seed<N>`; seed 0 keeps the plain `<task>-<model>`
+folders. The seed drives weight initialisation, batch order and dropout (the data and BigBird's random
+block pattern stay fixed). Results are stored per seed in --out, and a mean +- std table across the
+seeds present is printed.
 
 Missing data is generated first (ListOps: official generator spec with the lengths given here;
-Pathfinder: the Pathfinder-style generator, 32x32).
+Pathfinder: the Pathfinder-style generator, 32x32 unless --image-size and the easier-level flags say
+otherwise); existing data made with other generator settings is refused. Baselines that need no
+training are printed and stored too: ListOps' outer-operator rule and, when the end dots have their
+own intensity, Pathfinder's best dot-distance threshold. The 16x16 Pathfinder level of docs/sparse.md:
+
+    python benchmarks/sparse_lra.py --task pathfinder --image-size 16 --gap 0 --marker-value 128 \
+        --match-distance --num-train 10000 --data outputs/lra/pathfinder16-matched --max-len 256 \
+        --set pos_encoding=sincos-2d --set image_width=16 --steps 1500 --batch-size 32 --lr 1e-3 --threads 1
 """
 from __future__ import annotations
 
@@ -17,8 +31,10 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ernielab.cli.common import parse_sets
 from ernielab.data.lra import ListOpsSpec, PathfinderSpec, load_task, split_exists, write_listops, write_pathfinder
 from ernielab.models.sparse import PRESETS
 from ernielab.training.sparse import SparseTrainConfig, evaluate, load_trained, train_classifier
@@ -28,19 +44,101 @@ NAMES = {"dense": "Transformer (dense)", "bigbird": "BigBird (block+global+rando
          "hst-sar": "HST + SAR"}
 
 
-def ensure_data(args) -> None:
-    if split_exists(args.task, args.data, "train"):
-        return
-    print(f"generating {args.task} data in {args.data}")
+def data_spec(args):
+    """The generator spec the command line asks for (None for user-supplied text)."""
     if args.task == "listops":
-        write_listops(args.data, ListOpsSpec(min_length=args.min_length, max_length=args.max_length,
-                                             num_train=args.num_train, num_val=args.num_val,
-                                             num_test=args.num_test), seed=args.data_seed)
-    elif args.task == "pathfinder":
-        write_pathfinder(args.data, PathfinderSpec(num_train=args.num_train, num_val=args.num_val,
-                                                   num_test=args.num_test), seed=args.data_seed)
-    else:
+        return ListOpsSpec(min_length=args.min_length, max_length=args.max_length, num_train=args.num_train,
+                           num_val=args.num_val, num_test=args.num_test)
+    if args.task == "pathfinder":
+        return PathfinderSpec.for_size(args.image_size, path_length=args.path_length, gap=args.gap,
+                                       num_distractors=args.num_distractors, marker_value=args.marker_value,
+                                       match_distance=args.match_distance or None,
+                                       num_train=args.num_train, num_val=args.num_val, num_test=args.num_test)
+    return None
+
+
+def ensure_data(args) -> None:
+    """Generate missing data; refuse existing data made with other generator settings, so a table is
+    never silently computed on a different variant than the command states."""
+    spec = data_spec(args)
+    if split_exists(args.task, args.data, "train"):
+        saved = args.data / f"{args.task}_spec.json"
+        if spec is not None and saved.is_file():
+            wanted = {"seed": args.data_seed, **spec.to_dict()}
+            found = {**wanted, **json.loads(saved.read_text())}  # fields added later keep their defaults
+            if found != wanted:
+                changed = sorted(k for k in wanted if wanted[k] != found[k])
+                raise SystemExit(f"{args.data} was generated with other settings {changed}; use another --data")
+        return
+    if spec is None:
         raise SystemExit(f"no data at {args.data} (text data is user-supplied)")
+    print(f"generating {args.task} data in {args.data}")
+    write = write_listops if args.task == "listops" else write_pathfinder
+    write(args.data, spec, seed=args.data_seed)
+
+
+def marker_distances(images: np.ndarray, marker_value: int) -> np.ndarray:
+    """Distance between the centres of the two end dots of each image (0 when the dots overlap)."""
+    from scipy import ndimage
+
+    out = np.zeros(len(images))
+    for i, image in enumerate(images):
+        parts, count = ndimage.label(image == marker_value)
+        if count >= 2:
+            centres = np.array(ndimage.center_of_mass(image == marker_value, parts, [1, 2]))
+            out[i] = np.linalg.norm(centres[0] - centres[1])
+    return out
+
+
+def dot_distance_baseline(args) -> dict | None:
+    """Accuracy of one threshold on the end-dot distance (fit on train, scored on test): how far the
+    shortcut "dots close together = same curve" goes without tracing any curve. Needs distinct dots."""
+    spec = data_spec(args)
+    if args.task != "pathfinder" or spec.marker_value == 255:
+        return None
+    split = {}
+    for name in ("train", "test"):
+        with np.load(args.data / f"pathfinder_{name}.npz") as arrays:
+            split[name] = marker_distances(arrays["images"], spec.marker_value), arrays["labels"]
+    dist, labels = split["train"]
+    candidates = np.unique(dist)
+    train_acc = [((dist <= t) == labels).mean() for t in candidates]
+    threshold = float(candidates[int(np.argmax(train_acc))])
+    dist, labels = split["test"]
+    return {"threshold": threshold, "train_accuracy": float(max(train_acc)),
+            "test_accuracy": float(((dist <= threshold) == labels).mean())}
+
+
+def outer_operator_baseline(args) -> dict | None:
+    """ListOps accuracy of "answer the most common train label of the outermost operator" (e.g. MAX -> 9):
+    the level a model reaches by reading the first operator and nothing else."""
+    if args.task != "listops":
+        return None
+    from collections import Counter, defaultdict
+
+    from ernielab.data.lra import LISTOPS_FILES, read_tsv
+
+    def rows(split):
+        return [(source.replace("(", " ").split()[0], label) for _, source, label in
+                read_tsv(args.data / LISTOPS_FILES[split])]
+
+    counts = defaultdict(Counter)
+    for op, label in rows("train"):
+        counts[op][label] += 1
+    rule = {op: c.most_common(1)[0][0] for op, c in counts.items()}
+    majority = Counter(label for _, label in rows("train")).most_common(1)[0][0]
+    out = {"rule": rule}
+    for split in ("val", "test"):
+        data = rows(split)
+        out[f"{split}_accuracy"] = sum(rule.get(op) == label for op, label in data) / len(data)
+        out[f"{split}_majority_accuracy"] = sum(label == majority for _, label in data) / len(data)
+    return out
+
+
+def run_dir_for(args, name: str) -> Path:
+    """Seed 0 keeps the original folder names, so runs made before --seed existed stay valid."""
+    suffix = f"-seed{args.seed}" if args.seed else ""
+    return args.runs / f"{args.task}-{name}{suffix}"
 
 
 def run_model(args, name: str) -> dict:
@@ -52,11 +150,11 @@ def run_model(args, name: str) -> dict:
     val_ds = load_task(args.task, args.data, "val", max_len, labels)[0]
     test_ds = load_task(args.task, args.data, "test", max_len, labels)[0]
     model_cfg = base.replace(max_len=max_len, vocab_size=train_ds.vocab_size, num_classes=train_ds.num_classes,
-                             sar_alpha=alpha)
+                             sar_alpha=alpha, **parse_sets(args.set))
     train_cfg = SparseTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                                   seed=args.seed, eval_every=args.eval_every, save_every=args.eval_every)
-    run_dir = args.runs / f"{args.task}-{name}"
+    run_dir = run_dir_for(args, name)
     t0 = time.time()
     done = train_classifier(model_cfg, train_cfg, train_ds, val_ds, run_dir, stop_at=args.stop_at)["step"]
     train_s = time.time() - t0
@@ -84,13 +182,55 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
+
+
+def seed_table(by_seed: dict[str, dict]) -> str:
+    """Per-seed test accuracies and mean +- std over the seeds each model has finished."""
+    seeds = sorted(by_seed, key=int)
+    head = "| model | " + " | ".join(f"test seed {s}" for s in seeds) + " | test mean +- std | val mean +- std | n |"
+    lines = [head, "|" + "---|" * (len(seeds) + 4)]
+    for name in MODELS:
+        runs = [by_seed[s][name] for s in seeds if name in by_seed[s]]
+        if not runs:
+            continue
+        cells = [f"{100 * by_seed[s][name]['test_accuracy']:.2f}" if name in by_seed[s] else "-" for s in seeds]
+        test_m, test_s = mean_std([100 * r["test_accuracy"] for r in runs])
+        val_m, val_s = mean_std([100 * r["val_accuracy"] for r in runs])
+        lines.append(f"| {NAMES[name]} | " + " | ".join(cells) +
+                     f" | {test_m:.2f} +- {test_s:.2f} | {val_m:.2f} +- {val_s:.2f} | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    """{seed: {model: result}}; files written before --seed existed hold seed 0 under "results"."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if "results_by_seed" in saved:
+        return saved["results_by_seed"]
+    return {"0": saved.get("results", {})}
+
+
+def write_summary(args, baselines: dict, by_seed: dict) -> None:
+    spec = data_spec(args)
+    summary = {"task": args.task, "data": str(args.data), "data_spec": spec.to_dict() if spec else None,
+               **baselines, "results_by_seed": by_seed}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="listops", choices=["listops", "pathfinder", "text"])
     p.add_argument("--data", type=Path, default=None, help="default: outputs/lra/<task>")
     p.add_argument("--runs", type=Path, default=Path("outputs/sparse_lra_runs"))
     p.add_argument("--out", type=Path, default=None, help="default: outputs/sparse_lra_<task>.json")
-    p.add_argument("--models", default="dense,bigbird,hst,hst-sar")
+    p.add_argument("--models", default="dense,bigbird,hst,hst-sar", help="comma list, or 'none' to only print")
     p.add_argument("--preset", default=None, help="default: cpu-<task>")
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=1500)
@@ -100,7 +240,7 @@ def main():
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--sar-alpha", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed; N > 0 uses <task>-<model>-seed<N> folders")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -110,26 +250,46 @@ def main():
     p.add_argument("--num-test", type=int, default=1000)
     p.add_argument("--min-length", type=int, default=100, help="ListOps: exclusive lower length bound")
     p.add_argument("--max-length", type=int, default=512, help="ListOps: exclusive upper length bound")
+    p.add_argument("--image-size", type=int, default=32, help="Pathfinder: image side (tokens = side^2)")
+    p.add_argument("--path-length", type=int, default=None, help="Pathfinder: main-curve steps (default 20*side/32)")
+    p.add_argument("--num-distractors", type=int, default=None, help="Pathfinder: default 2*side/32")
+    p.add_argument("--gap", type=int, default=None, help="Pathfinder: blank steps between dashes (default 1)")
+    p.add_argument("--marker-value", type=int, default=None, help="Pathfinder: end-dot intensity (default 255)")
+    p.add_argument("--match-distance", action="store_true",
+                   help="Pathfinder: negatives' end-dot distance drawn like positives' (no distance shortcut)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override for all models, e.g. --set depth=4 --set pos_encoding=sincos-2d")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.data = args.data or Path("outputs/lra") / args.task
     args.out = args.out or Path(f"outputs/sparse_lra_{args.task}.json")
     args.preset = args.preset or f"cpu-{args.task}"
     ensure_data(args)
-    results = json.loads(args.out.read_text())["results"] if args.out.is_file() else {}
-    for name in args.models.split(","):
+    baselines = {"dot_distance_baseline": dot_distance_baseline(args),
+                 "outer_operator_baseline": outer_operator_baseline(args)}
+    baselines = {k: v for k, v in baselines.items() if v}
+    for name, baseline in baselines.items():
+        print(f"{name}: {json.dumps(baseline)}")
+    by_seed = load_results(args.out)
+    names = [] if args.models == "none" else args.models.split(",")
+    for name in names:
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {list(MODELS)}")
         result = run_model(args, name)
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("_config")}), flush=True)
         if "paused_at" in result:
             continue
-        results[name] = result
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"task": args.task, "data": str(args.data), "results": results}
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+        by_seed.setdefault(str(args.seed), {})[name] = result
+        write_summary(args, baselines, by_seed)
+    if by_seed:
+        write_summary(args, baselines, by_seed)  # also refreshes the baselines of an older file
     print()
-    print(table(results))
+    if str(args.seed) in by_seed:
+        print(f"seed {args.seed}:")
+        print(table(by_seed[str(args.seed)]))
+        print()
+    if by_seed:
+        print(seed_table(by_seed))
 
 
 if __name__ == "__main__":

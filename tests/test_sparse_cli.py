@@ -74,3 +74,15 @@ def test_gen_pathfinder_and_train(tmp_path):
     assert last_json(res.output)["test"]["count"] == 4
     res = invoke("train", "--task", "pathfinder", "--data", data, "--run-dir", tmp_path / "run2", "--preset", "tiny")
     assert res.exit_code == 2 and "256 pixels; model max_len is 64" in res.output
+
+
+def test_gen_pathfinder_easy_level_options(tmp_path):
+    data = tmp_path / "easy"
+    res = invoke("gen-pathfinder", data, "--num-train", 4, "--num-val", 2, "--num-test", 2, "--size", 16,
+                 "--gap", 0, "--marker-value", 128, "--match-distance", "--num-distractors", 0)
+    assert res.exit_code == 0, res.output
+    spec = json.loads((data / "pathfinder_spec.json").read_text())
+    assert (spec["size"], spec["path_length"], spec["gap"], spec["marker_value"], spec["match_distance"],
+            spec["num_distractors"]) == (16, 10, 0, 128, True, 0)
+    res = invoke("gen-pathfinder", tmp_path / "bad", "--marker-value", 300)
+    assert res.exit_code == 2 and "marker_value" in res.output

@@ -135,9 +135,9 @@ def test_text_tsv_errors(tmp_path, content, message):
 def test_pathfinder_labels_match_connectivity(tmp_path):
     from scipy import ndimage
 
-    spec = PathfinderSpec(gap=0, num_train=40, num_val=4, num_test=4)  # solid curves: connectivity is visible
+    spec = PathfinderSpec(gap=0, num_train=200, num_val=4, num_test=4)  # solid curves: connectivity is visible
     data = generate_pathfinder(spec, seed=0, progress=False)["train"]
-    assert data["images"].shape == (40, 32, 32) and data["labels"].mean() == 0.5
+    assert data["images"].shape == (200, 32, 32) and data["labels"].mean() == 0.5
     for image, label in zip(data["images"], data["labels"]):
         ink = image > 0
         markers = ndimage.binary_erosion(ink, np.ones((3, 3)))  # only the 3x3 end dots survive
@@ -151,3 +151,46 @@ def test_pathfinder_labels_match_connectivity(tmp_path):
     paths["val"].write_bytes(b"not an npz")
     with pytest.raises(ValueError, match="not a pathfinder"):
         load_pathfinder(tmp_path, "val")
+
+
+def test_pathfinder_easy_options_keep_labels_correct():
+    """Distinct end-dot intensity, solid curves and no distractors: labels still follow connectivity."""
+    from scipy import ndimage
+
+    spec = PathfinderSpec.for_size(16, gap=0, num_distractors=0, marker_value=128, num_train=40, num_val=2,
+                                   num_test=2)
+    assert (spec.size, spec.path_length, spec.distractor_length) == (16, 10, 5)
+    assert PathfinderSpec.for_size(32) == PathfinderSpec()  # the scaling reproduces the 32x32 defaults
+    data = generate_pathfinder(spec, seed=1, progress=False)["train"]
+    assert data["images"].shape == (40, 16, 16) and data["labels"].mean() == 0.5
+    for image, label in zip(data["images"], data["labels"]):
+        assert set(np.unique(image).tolist()) <= {0, 128, 255}
+        markers = image == 128
+        assert 9 <= markers.sum() <= 18  # two 3x3 dots; the two ends of one curve may overlap
+        components, _ = ndimage.label(image > 0, np.ones((3, 3)))
+        assert len(set(components[markers].tolist())) == (1 if label else 2)
+    with pytest.raises(ValueError, match="marker_value"):
+        PathfinderSpec(marker_value=0)
+
+
+def test_pathfinder_match_distance_removes_the_dot_distance_cue():
+    from scipy import ndimage
+
+    def dot_gaps(spec):
+        data = generate_pathfinder(spec, seed=2, progress=False)["train"]
+        gaps = []
+        for image, label in zip(data["images"], data["labels"]):
+            markers = image == 128
+            components, _ = ndimage.label(image > 0, np.ones((3, 3)))
+            assert len(set(components[markers].tolist())) == (1 if label else 2)  # labels stay correct
+            parts, count = ndimage.label(markers)
+            centres = ndimage.center_of_mass(markers, parts, [1, 2]) if count == 2 else [(0, 0), (0, 0)]
+            gaps.append(np.linalg.norm(np.subtract(*centres)))
+        gaps, labels = np.array(gaps), data["labels"]
+        return gaps[labels == 1].mean(), gaps[labels == 0].mean()
+
+    spec = PathfinderSpec.for_size(16, gap=0, marker_value=128, num_train=200, num_val=0, num_test=0)
+    positive, negative = dot_gaps(spec)
+    assert negative - positive > 1.0  # unmatched: negatives' dots lie farther apart
+    positive, negative = dot_gaps(spec.replace(match_distance=True))
+    assert abs(negative - positive) < 0.5

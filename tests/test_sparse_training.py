@@ -108,3 +108,39 @@ def test_training_fits_a_small_set(listops_dir, tmp_path):
     model, loaded_cfg, step = load_trained(tmp_path / "fit")
     assert loaded_cfg == model_cfg and step == 150
     assert evaluate(model, train)["accuracy"] >= 0.9
+
+
+def test_sincos_2d_positions_encode_row_and_column():
+    from ernielab.models.sparse.model import sincos_2d
+
+    codes = sincos_2d(64, width=8, dim=16)  # an 8x8 image
+    row, col = codes[:, :8], codes[:, 8:]
+    assert torch.equal(row[3], row[7]) and not torch.equal(row[3], row[8])  # pixels 3 and 7 share row 0
+    assert torch.equal(col[3], col[11]) and not torch.equal(col[3], col[4])  # pixels 3 and 11 share column 3
+    assert torch.cdist(codes[9:10], codes[[10, 17, 63]]).argmin() != 2  # a neighbour is closer than a far pixel
+    for mode in ("dense", "bigbird", "hst"):
+        cfg = SparseClassifierConfig.tiny(mode, pos_encoding="sincos-2d", image_width=8)
+        model = SparseClassifier(cfg)
+        assert "pos_emb" not in model.state_dict() and all("pos" not in n for n, _ in model.named_parameters())
+        assert model(torch.randint(1, 16, (2, 64))).shape == (2, 10)
+    with pytest.raises(ValueError, match="image_width"):
+        SparseClassifierConfig.tiny(pos_encoding="sincos-2d")
+    with pytest.raises(ValueError, match="pos_encoding must be"):
+        SparseClassifierConfig.tiny(pos_encoding="rope")
+
+
+def test_checkpoints_from_before_new_config_fields_resume(listops_dir, tmp_path):
+    train = load_listops(listops_dir, "train", 32)
+    model_cfg = SparseClassifierConfig.tiny("dense", max_len=32)
+    cfg = SparseTrainConfig(steps=3, batch_size=8, warmup_steps=1, save_every=2)
+    run = tmp_path / "old"
+    train_classifier(model_cfg, cfg, train, None, run, progress=False, stop_at=2)
+    state = latest_checkpoint(run) / "state.json"
+    saved = json.loads(state.read_text())
+    for field in ("pos_encoding", "image_width"):  # as written before these fields existed
+        del saved["config"]["model"][field]
+    state.write_text(json.dumps(saved))
+    assert train_classifier(model_cfg, cfg, train, None, run, progress=False)["step"] == 3
+    with pytest.raises(ValueError, match="different model config"):  # a real difference is still refused
+        train_classifier(model_cfg.replace(pos_encoding="sincos-2d", image_width=4), cfg.replace(steps=4), train,
+                         None, run, progress=False)

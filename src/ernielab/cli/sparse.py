@@ -39,15 +39,19 @@ def gen_pathfinder(out: Path = typer.Argument(..., help="folder for pathfinder_{
                    seed: int = typer.Option(0),
                    num_train: int = typer.Option(20_000), num_val: int = typer.Option(2_000),
                    num_test: int = typer.Option(2_000),
-                   size: int = typer.Option(32, help="image side; sequences are size*size tokens")):
+                   size: int = typer.Option(32, help="image side; sequences are size*size tokens"),
+                   path_length: Optional[int] = typer.Option(None, help="steps per main curve (default: 20 * size/32)"),
+                   num_distractors: Optional[int] = typer.Option(None, help="default: 2 * size/32"),
+                   distractor_length: Optional[int] = typer.Option(None, help="default: 10 * size/32"),
+                   gap: Optional[int] = typer.Option(None, help="blank steps between dashes (default 1; 0 = solid)"),
+                   marker_value: Optional[int] = typer.Option(None, help="end-dot intensity 1-255 (default 255)"),
+                   match_distance: bool = typer.Option(False, help="negatives' dot distance drawn like positives'")):
     """Pathfinder-style connectivity images (two dots: joined by one dashed curve or not)."""
     from ..data.lra import PathfinderSpec, write_pathfinder
 
-    scale = size / PathfinderSpec.size  # curve lengths and distractor count follow the image side
-    spec = PathfinderSpec(size=size, path_length=max(4, round(PathfinderSpec.path_length * scale)),
-                          distractor_length=max(4, round(PathfinderSpec.distractor_length * scale)),
-                          num_distractors=round(PathfinderSpec.num_distractors * scale),
-                          num_train=num_train, num_val=num_val, num_test=num_test)
+    spec = PathfinderSpec.for_size(size, path_length=path_length, num_distractors=num_distractors,
+                                   distractor_length=distractor_length, gap=gap, marker_value=marker_value,
+                                   match_distance=match_distance, num_train=num_train, num_val=num_val, num_test=num_test)
     paths = write_pathfinder(out, spec, seed)
     typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
 

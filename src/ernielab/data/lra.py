@@ -312,7 +312,9 @@ class PathfinderSpec(Config):
     dash: int = 2  # drawn steps per dash
     gap: int = 1  # blank steps between dashes
     turn_std: float = 0.35  # heading change per step (radians): the curvature
-    clearance: int = 2  # min Chebyshev distance between different curves (markers are 3x3)
+    clearance: int = 2  # curves keep > clearance pixels apart (Chebyshev), so 3x3 dots touch no other curve
+    marker_value: int = 255  # intensity of the 3x3 end dots; below 255 they differ from curve ink
+    match_distance: bool = False  # negatives' dot distance drawn like positives' (removes that shortcut)
     num_train: int = 20_000
     num_val: int = 2_000
     num_test: int = 2_000
@@ -320,6 +322,18 @@ class PathfinderSpec(Config):
     def __post_init__(self):
         if self.size < 12 or self.path_length < 4 or self.dash < 1 or self.gap < 0:
             raise ValueError("pathfinder needs size >= 12, path_length >= 4, dash >= 1, gap >= 0")
+        if not 1 <= self.marker_value <= 255:
+            raise ValueError(f"marker_value must be an intensity in 1..255, got {self.marker_value}")
+
+    @classmethod
+    def for_size(cls, size: int, **overrides) -> "PathfinderSpec":
+        """Curve lengths and distractor count scaled with the image side from the 32x32 defaults;
+        `overrides` (None values ignored) then set any field, e.g. an easier level with fewer distractors."""
+        scale = size / cls.size
+        scaled = dict(size=size, path_length=max(4, round(cls.path_length * scale)),
+                      distractor_length=max(4, round(cls.distractor_length * scale)),
+                      num_distractors=round(cls.num_distractors * scale))
+        return cls(**{**scaled, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def _trace_curve(rng: np.random.Generator, spec: PathfinderSpec, steps: int) -> np.ndarray:
@@ -349,8 +363,8 @@ def _footprint(points: np.ndarray, size: int, radius: int) -> np.ndarray:
     return grid[radius: radius + size, radius: radius + size]
 
 
-def draw_pathfinder(rng: np.random.Generator, spec: PathfinderSpec, label: int, max_tries: int = 1000) -> np.ndarray:
-    """One [size, size] uint8 image (0 background, 255 ink) with the requested label."""
+def _place_curves(rng: np.random.Generator, spec: PathfinderSpec, max_tries: int) -> list[np.ndarray]:
+    """Two main curves, then the distractors, none touching another."""
     lengths = [spec.path_length, spec.path_length] + [spec.distractor_length] * spec.num_distractors
     for _ in range(max_tries):
         curves = [_trace_curve(rng, spec, n) for n in lengths]
@@ -362,21 +376,53 @@ def draw_pathfinder(rng: np.random.Generator, spec: PathfinderSpec, label: int, 
                 break
             taken |= _footprint(curve, spec.size, spec.clearance)
         if clear:
+            return curves
+    raise ValueError("could not place non-touching curves; lower path lengths or distractors")
+
+
+def _pick_ends(rng: np.random.Generator, curves: list[np.ndarray], label: int) -> list[np.ndarray]:
+    first, second = curves[0], curves[1]
+    if label:
+        return [first[0], first[-1]]
+    return [first[-int(rng.integers(2))], second[-int(rng.integers(2))]]  # one end of each main curve
+
+
+def _dots_touch(ends: list[np.ndarray]) -> bool:
+    """Two 3x3 dots whose centres are under 4 pixels apart (Chebyshev) share or touch pixels: on a
+    negative that would draw a connection between the two curves."""
+    return int(np.abs(ends[0] - ends[1]).max()) < 4
+
+
+def draw_pathfinder(rng: np.random.Generator, spec: PathfinderSpec, label: int, max_tries: int = 1000) -> np.ndarray:
+    """One [size, size] uint8 image (0 background, 255 ink) with the requested label.
+
+    A negative is redrawn while its two dots touch (that would join its curves). With
+    spec.match_distance, positives obey the same rule, and a negative first draws the end-to-end distance
+    of a fresh main curve (what a positive's dots would show) and is redrawn until its two dots lie that
+    far apart (+- 0.5 pixel): the dot distance no longer tells the classes apart, only the curves do.
+    """
+    target = None
+    if spec.match_distance and not label:
+        probe = [np.zeros(2)] * 2
+        while _dots_touch(probe):  # the dots of a full positive image, drawn under the same rules
+            probe = _pick_ends(rng, _place_curves(rng, spec, max_tries), 1)
+        target = float(np.linalg.norm(probe[0] - probe[-1]))
+    for _ in range(max_tries):
+        curves = _place_curves(rng, spec, max_tries)
+        ends = _pick_ends(rng, curves, label)
+        if (not label or spec.match_distance) and _dots_touch(ends):
+            continue  # touching dots join a negative's curves; matched positives follow the same rule
+        if target is None or abs(float(np.linalg.norm(ends[0] - ends[1])) - target) <= 0.5:
             break
     else:
-        raise ValueError("could not place non-touching curves; lower path lengths or distractors")
+        raise ValueError(f"no negative with dot distance {target:.1f} in {max_tries} tries")
     image = np.zeros((spec.size, spec.size), dtype=np.uint8)
     period = spec.dash + spec.gap
     for curve in curves:
         ink = curve[np.arange(len(curve)) % period < spec.dash]
         image[ink[:, 0], ink[:, 1]] = 255
-    first, second = curves[0], curves[1]
-    if label:
-        ends = [first[0], first[-1]]
-    else:  # one end of each main curve
-        ends = [first[-int(rng.integers(2))], second[-int(rng.integers(2))]]
     for y, x in ends:
-        image[max(0, y - 1): y + 2, max(0, x - 1): x + 2] = 255
+        image[max(0, y - 1): y + 2, max(0, x - 1): x + 2] = spec.marker_value
     return image
 
 

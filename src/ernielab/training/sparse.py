@@ -119,6 +119,17 @@ def build_model(model_cfg: SparseClassifierConfig, seed: int) -> SparseClassifie
     return SparseClassifier(model_cfg)
 
 
+def saved_model_config(saved: dict | None) -> dict | None:
+    """A checkpoint's model config with fields added since it was written set to their defaults,
+    so runs saved by older versions still resume (the defaults reproduce their behaviour)."""
+    if saved is None:
+        return None
+    try:
+        return SparseClassifierConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        return saved
+
+
 def restore(run_dir: Path, model, optimizer, scheduler, model_cfg, train_cfg) -> int:
     """Load the latest checkpoint of run_dir if there is one; refuse one trained with other settings."""
     path = latest_checkpoint(run_dir)
@@ -126,7 +137,7 @@ def restore(run_dir: Path, model, optimizer, scheduler, model_cfg, train_cfg) ->
         return 0
     ckpt = load_checkpoint(path)
     saved = ckpt["config"]
-    if saved.get("model") != model_cfg.to_dict():
+    if saved_model_config(saved.get("model")) != model_cfg.to_dict():
         raise ValueError(f"checkpoint {path} was trained with a different model config; "
                          f"train into another run directory")
     ours = {k: v for k, v in train_cfg.to_dict().items() if k not in RESUME_FREE_FIELDS}

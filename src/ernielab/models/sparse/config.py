@@ -7,6 +7,7 @@ import math
 from ...config import Config
 
 ATTENTION_MODES = ("dense", "bigbird", "hst")
+POS_ENCODINGS = ("learned", "sincos-2d")
 
 
 @dataclasses.dataclass
@@ -27,6 +28,10 @@ class SparseClassifierConfig(Config):
     num_random_blocks: int = 3  # BigBird only
     sar_alpha: float = 0.0  # HST only: weight of the symmetric KL between sparse and dense topologies
     seed: int = 0  # fixes BigBird's random block pattern
+    # "learned": one trained vector per position. "sincos-2d": fixed sine/cosine codes of (row, column)
+    # for row-major images `image_width` pixels wide, so every model starts knowing which pixels touch.
+    pos_encoding: str = "learned"
+    image_width: int = 0
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
@@ -37,6 +42,10 @@ class SparseClassifierConfig(Config):
             raise ValueError("vocab_size, num_classes, max_len, depth and block_size must be >= 1")
         if self.attention != "dense" and self.num_global < 1:
             raise ValueError(f"{self.attention} attention needs num_global >= 1")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
+        if self.pos_encoding == "sincos-2d" and (self.image_width < 1 or self.dim % 4):
+            raise ValueError("pos_encoding 'sincos-2d' needs image_width >= 1 and dim divisible by 4")
         if self.sar_alpha < 0:
             raise ValueError(f"sar_alpha must be >= 0, got {self.sar_alpha}")
         if self.sar_alpha > 0 and self.attention != "hst":

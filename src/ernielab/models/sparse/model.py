@@ -6,6 +6,8 @@ classifier mean-pools the valid sequence tokens. One set of weights runs under t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,6 +18,23 @@ from .config import SparseClassifierConfig
 
 PAD_ID = 0
 TOPOLOGIES = ("sparse", "dense")
+
+
+def sincos_2d(length: int, width: int, dim: int) -> torch.Tensor:
+    """[length, dim] fixed codes of row-major pixel positions: the first half of the channels encodes
+    the row, the second half the column, each as sines and cosines of dim/4 frequencies (as in ViT/MAE).
+    Neighbouring pixels get similar codes in both directions, which a 1-D position table must learn.
+    Unlike ViT's base-10000 frequencies (made for long ranges), the wavelengths run geometrically from
+    4 pixels to twice the image width: no channel is constant across a small image and the longest
+    wave never wraps, so code distance grows with pixel distance."""
+    wavelengths = torch.logspace(math.log10(4.0), math.log10(max(4.0, 2.0 * width)), dim // 4, dtype=torch.float64)
+    freqs = 2 * math.pi / wavelengths
+    pos = torch.arange(length)
+    codes = []
+    for coord in (pos // width, pos % width):
+        angles = coord.double()[:, None] * freqs[None]
+        codes += [angles.sin(), angles.cos()]
+    return torch.cat(codes, dim=1).float()
 
 
 class SparseBlock(nn.Module):
@@ -55,13 +74,20 @@ class SparseClassifier(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_emb = nn.Parameter(torch.zeros(cfg.padded_len, cfg.dim))
+        if cfg.pos_encoding == "learned":
+            self.pos_emb = nn.Parameter(torch.zeros(cfg.padded_len, cfg.dim))
+        else:  # fixed codes: not saved, rebuilt from the config
+            # scaled to the 0.02 RMS of the learned table's initialisation, so the pixel embeddings are
+            # not drowned out at the start; only the content of the codes differs between the two options
+            codes = sincos_2d(cfg.padded_len, cfg.image_width, cfg.dim) * (0.02 * math.sqrt(2))
+            self.register_buffer("pos_emb", codes, persistent=False)
         self.prefix = nn.Parameter(torch.zeros(cfg.num_prefix, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(SparseBlock(cfg, i) for i in range(cfg.depth))
         self.norm = RMSNorm(cfg.dim)
         self.head = MLP(cfg.dim, cfg.dim, cfg.num_classes)
-        for p in (self.token_emb.weight, self.pos_emb, self.prefix):
+        learned = (self.pos_emb,) if cfg.pos_encoding == "learned" else ()
+        for p in (self.token_emb.weight, *learned, self.prefix):
             nn.init.normal_(p, std=0.02)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None, topology: str = "sparse"):
