@@ -6,6 +6,12 @@ standalone checkpoint, loads it back and evaluates it without retraining; then m
 speed round-robin (every model once per round, best round kept) so that load from other processes on
 the machine hits all models alike.
 
+Sub-models are extracted twice where a choice exists: by the default rule (evenly spaced layers,
+experts by training gate mass) and "val-selected" (layers / experts chosen by held-out loss on val
+items the evaluation never reads, `models/unified/selection.py`), once per --select-tasks objective:
+by default the loss of all three tasks, and the caption (image->caption) loss alone.
+The full MoE's speed is also measured with the old "grouped" dispatch for comparison.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unified_table.py --out runs/unified
 """
 from __future__ import annotations
@@ -19,9 +25,13 @@ import torch
 
 from ernielab.models.unified import UnifiedConfig, VQConfig, extract_submodel, load_model, parameter_counts, save_model
 from ernielab.models.unified.evaluation import decoding_speed, evaluate, heldout
+from ernielab.models.unified.selection import select_submodel
 from ernielab.models.unified.submodel import describe_submodel, submodel_summary
 from ernielab.models.unified.tokenizer import TextTokenizer
 from ernielab.training.unified import UnifiedTrainConfig, VQTrainConfig, train_unified, train_vq
+
+
+OLD_DISPATCH = "MoE, full, old grouped dispatch (speed only)"
 
 
 def ensure_trained(out: Path, steps: int, progress: bool) -> None:
@@ -66,6 +76,11 @@ def main() -> None:
     ap.add_argument("--speed-batches", type=lambda v: [int(b) for b in v.split(",")], default=[8, 32],
                     help="decoding batch sizes for tokens/s (comma-separated); the table shows the first")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--select-tasks", default="t2i,i2t,text;i2t",
+                    type=lambda v: [tuple(t.split(",")) for t in v.split(";") if t],
+                    help="val-selected rows: ';'-separated task lists whose summed loss picks layers / experts "
+                         "('' = no such rows)")
+    ap.add_argument("--select-n", type=int, default=64, help="val items per task in the selection set")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,13 +88,29 @@ def main() -> None:
     ensure_trained(args.out, args.steps, not args.no_progress)
 
     moe, vq, _ = load_model(args.out / "moe" / "model")
-    models = {}
+    models, selections = {}, {}
     for name, spec in submodel_rows(moe.config):
-        folder = args.out / "sub" / name.split(" (")[0].replace(" ", "_").replace(",", "").replace(":", "")
-        sub = describe_submodel(moe, **spec)
-        small = extract_submodel(moe, sub)
-        save_model(folder, small, vq, {"source": str(args.out / "moe" / "model"), "submodel": submodel_summary(sub)})
-        models[name] = (load_model(folder)[0], spec)  # evaluated as the standalone checkpoint
+        choices = [(name, describe_submodel(moe, **spec), None)]
+        for tasks in (args.select_tasks if "depth" in spec or "num_experts" in spec else []):
+            t_sel = time.time()
+            sub, report = select_submodel(moe, vq, spec.get("depth"), spec.get("num_experts"), spec.get("top_k"),
+                                          n=args.select_n, tasks=tasks)
+            report["seconds"] = time.time() - t_sel
+            choices.append((f"{name}, val-selected on {'+'.join(tasks)} loss", sub, report))
+        for row_name, sub, report in choices:
+            summary = submodel_summary(sub)
+            if report is not None and summary == submodel_summary(choices[0][1]):
+                selections[row_name] = {"same_as_default": True, "submodel": summary, **report}
+                continue  # the selection kept the default choice: nothing new to evaluate
+            folder = args.out / "sub" / name.split(" (")[0].replace(" ", "_").replace(",", "").replace(":", "")
+            if report is not None:
+                folder = folder.with_name(f"{folder.name}_val-{'+'.join(report['selection_set']['tasks'])}")
+            small = extract_submodel(moe, sub)
+            save_model(folder, small, vq, {"source": str(args.out / "moe" / "model"), "submodel": summary,
+                                           "selection": report})
+            models[row_name] = (load_model(folder)[0], spec)  # evaluated as the standalone checkpoint
+            if report is not None:
+                selections[row_name] = {"same_as_default": False, "submodel": summary, **report}
     dense, _, _ = load_model(args.out / "dense" / "model")
     models["dense baseline (same active params)"] = (dense, {})
 
@@ -94,13 +125,21 @@ def main() -> None:
 
     tok = TextTokenizer(moe.config.text_vocab)
     images, _ = heldout(max(args.speed_batches), vq.config.image_size, seed=0)
+    variants = [(name, model, None) for name, (model, _) in models.items()]
+    variants.append((OLD_DISPATCH, models["MoE, full"][0], "grouped"))
+    results[OLD_DISPATCH] = {}
     for batch in args.speed_batches:
         for _ in range(args.speed_rounds):
-            for name, (model, _) in models.items():
+            for name, model, dispatch in variants:
+                for _, layer in model.moe_layers():
+                    layer.dispatch = dispatch or "fused"
                 speed = decoding_speed(model, vq, tok, images, batch=batch, repeats=3)
                 best = results[name].setdefault("speed", {}).setdefault(str(batch), speed)
-                for key in ("image_tokens_per_s", "text_tokens_per_s"):
+                for key in ("image_tokens_per_s", "text_tokens_per_s", "image_tokens_per_cpu_s",
+                            "text_tokens_per_cpu_s"):
                     best[key] = max(best[key], speed[key])
+        for _, layer in models["MoE, full"][0].moe_layers():
+            layer.dispatch = "fused"
 
     full = results["MoE, full"]
     dense_name = "dense baseline (same active params)"
@@ -108,6 +147,8 @@ def main() -> None:
     lines = ["| model | active params | total params | text ppl | caption acc | image align (all) | "
              f"image tok/s (batch {b0}) | text tok/s (batch {b0}) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
+        if name == OLD_DISPATCH:
+            continue
         rel = r["caption"]["accuracy"] / max(full["caption"]["accuracy"], 1e-9)
         speed = r["speed"][b0]
         lines.append(
@@ -116,16 +157,22 @@ def main() -> None:
             f" ({rel:.0%}) | {fmt(r['image_alignment']['all'])} | {speed['image_tokens_per_s']:.0f} | "
             f"{speed['text_tokens_per_s']:.0f} |")
     ratios = {}
-    lines += ["", "| decoding batch | MoE / dense, image tokens/s | MoE / dense, text tokens/s | "
-              "k=1 sub-model / full MoE, image tokens/s |", "|---|---|---|---|"]
+    lines += ["", "| decoding batch | clock | MoE / dense, image tokens/s | MoE / dense, text tokens/s | "
+              "same, old grouped dispatch (image / text) | k=1 sub-model / full MoE, image tokens/s |",
+              "|---|---|---|---|---|---|"]
     quarter = next(n for n in results if n.startswith("top-k quartered"))
     for batch in map(str, args.speed_batches):
         f, d, q = full["speed"][batch], results[dense_name]["speed"][batch], results[quarter]["speed"][batch]
-        ratios[batch] = {"image": f["image_tokens_per_s"] / d["image_tokens_per_s"],
-                         "text": f["text_tokens_per_s"] / d["text_tokens_per_s"],
-                         "k1_over_full_image": q["image_tokens_per_s"] / f["image_tokens_per_s"]}
-        lines.append(f"| {batch} | {ratios[batch]['image']:.2f}x | {ratios[batch]['text']:.2f}x | "
-                     f"{ratios[batch]['k1_over_full_image']:.2f}x |")
+        o = results[OLD_DISPATCH]["speed"][batch]
+        ratios[batch] = {}
+        for clock, per in (("wall", "s"), ("cpu", "cpu_s")):
+            img, txt = f"image_tokens_per_{per}", f"text_tokens_per_{per}"
+            r = {"image": f[img] / d[img], "text": f[txt] / d[txt], "old_dispatch_image": o[img] / d[img],
+                 "old_dispatch_text": o[txt] / d[txt], "k1_over_full_image": q[img] / f[img]}
+            ratios[batch][clock] = r
+            lines.append(f"| {batch} | {clock} | {r['image']:.2f}x | {r['text']:.2f}x | "
+                         f"{r['old_dispatch_image']:.2f}x / {r['old_dispatch_text']:.2f}x | "
+                         f"{r['k1_over_full_image']:.2f}x |")
     routing = full["routing"]
     lines += ["", "| routing (full MoE, held-out sequences) | max/mean expert load | load entropy |", "|---|---|---|"]
     for modality in ("text", "image", "all"):
@@ -133,7 +180,12 @@ def main() -> None:
                      f"{routing[modality]['entropy']:.3f} |")
     lines.append(f"\nCosine similarity of the text and image expert-load vectors (mean over layers): "
                  f"{routing['text_image_cosine']:.2f}.")
+    for name, sel in selections.items():
+        chosen = "the default choice" if sel["same_as_default"] else "its own row above"
+        lines.append(f"\n{name}: layers {sel['submodel']['layers']}, held-out selection loss {sel['loss']:.4f}, "
+                     f"{sel['seconds']:.0f} s; {chosen}.")
     table = "\n".join(lines)
+    results["_selections"] = selections
     results["_meta"] = {"settings": settings, "steps": args.steps, "speed_rounds": args.speed_rounds,
                         "speed_batches": args.speed_batches, "threads": args.threads, "speed_ratios": ratios,
                         "elapsed_s": time.time() - t0}

@@ -1,4 +1,4 @@
-"""MoE layer: grouped dispatch, routing inputs, auxiliary-loss-free balancing, expert masks, sub-layers."""
+"""MoE layer: dispatch modes, routing inputs, auxiliary-loss-free balancing, expert masks, sub-layers."""
 import inspect
 
 import pytest
@@ -26,24 +26,76 @@ def naive_moe(moe: MoEFeedForward, x: torch.Tensor, top_k=None, expert_mask=None
     return out
 
 
+DISPATCH = MoEFeedForward.DISPATCH_MODES
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_grouped_dispatch_equals_per_token_loop(top_k):
+def test_dispatch_equals_per_token_loop(top_k, dispatch):
     moe = make_moe().eval()
+    moe.dispatch = dispatch
     x = torch.randn(37, 16)
     torch.testing.assert_close(moe(x, top_k=top_k), naive_moe(moe, x, top_k), atol=1e-5, rtol=1e-5)
 
 
-def test_grouped_dispatch_gradients_match_loop():
+@pytest.mark.parametrize("dispatch", DISPATCH)
+def test_dispatch_gradients_match_loop(dispatch):
     moe = make_moe().eval()
+    moe.dispatch = dispatch
     x = torch.randn(21, 16, requires_grad=True)
     grads = []
     for fn in (lambda: moe(x), lambda: naive_moe(moe, x)):
         moe.zero_grad()
         x.grad = None
         fn().pow(2).sum().backward()
-        grads.append((x.grad.clone(), moe.w_gate.grad.clone(), moe.router.proj.weight.grad.clone()))
+        grads.append((x.grad.clone(), moe.w_gate_up.grad.clone(), moe.w_down.grad.clone(),
+                      moe.router.proj.weight.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_dispatch_modes_agree_on_skewed_masked_routing(tokens):
+    """All modes give the same outputs, including empty experts, one overloaded expert (large padding
+    for "padded") and masked experts."""
+    moe = make_moe(experts=8, top_k=3).eval()
+    moe.router.expert_bias[5] = 10.0  # every token picks expert 5
+    mask = torch.tensor([True, False, True, True, False, True, True, False])
+    x = torch.randn(tokens, 16)
+    outs = {}
+    for mode in DISPATCH:
+        moe.dispatch = mode
+        outs[mode] = moe(x, expert_mask=mask)
+        assert (moe.last_index == 5).any(-1).all()
+    for mode in DISPATCH[1:]:
+        torch.testing.assert_close(outs[mode], outs[DISPATCH[0]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH)
+def test_dispatch_applies_each_gate_to_its_own_expert(dispatch):
+    """Explicit (expert, gate) assignments: the result is sum_j gate_j * expert_{index_j}(x); the same
+    gates on swapped experts give a different result, so a mix-up of gates and experts cannot pass."""
+    moe = make_moe(experts=6).eval()
+    moe.dispatch = dispatch
+    x = torch.randn(4, 16)
+    index = torch.tensor([[0, 5], [5, 0], [2, 3], [3, 3]])
+    gate = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.5, 0.5]])
+    expected = torch.stack([sum(g * moe.expert_forward(x[t], int(e)) for e, g in zip(index[t], gate[t]))
+                            for t in range(4)])
+    torch.testing.assert_close(moe.experts(x, index, gate), expected, atol=1e-5, rtol=1e-5)
+    swapped = moe.experts(x, index.flip(1), gate)
+    assert not torch.allclose(swapped[:3], expected[:3], atol=1e-3)
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        moe.dispatch = "dense"
+
+
+def test_unfused_checkpoints_load_into_fused_weights():
+    moe = make_moe()
+    old = {k: v for k, v in moe.state_dict().items() if k != "w_gate_up"}
+    old["w_gate"], old["w_up"] = moe.w_gate.clone(), moe.w_up.clone()  # the pre-fusion layout
+    fresh = make_moe(seed=1)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.w_gate_up, moe.w_gate_up, atol=0, rtol=0)
 
 
 def test_grouped_matmul_with_empty_groups():
@@ -125,7 +177,7 @@ def test_keep_experts_equals_masked_layer():
     mask[keep] = True
     small = moe.keep_experts(keep).eval()
     x = torch.randn(40, 16)
-    assert small.num_experts == 4 and small.w_gate.shape[0] == 4
+    assert small.num_experts == 4 and small.w_gate.shape[0] == 4 and small.w_gate_up.shape[0] == 4
     torch.testing.assert_close(small(x), moe(x, expert_mask=mask), atol=1e-6, rtol=1e-6)
 
 

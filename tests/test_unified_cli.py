@@ -73,6 +73,13 @@ def test_generate_caption_extract_eval(trained, tmp_path):
     assert info["params"]["active"] < info["source_params"]["active"]
     small_cfg = json.loads((tmp_path / "small" / "config.json").read_text())
     assert (small_cfg["num_layers"], small_cfg["num_experts"], small_cfg["top_k"]) == (1, 4, 1)
+    res = invoke("extract-submodel", model, tmp_path / "picked", "--depth", 1, "--experts", 4, "--top-k", 1,
+                 "--select-on-val", "--select-n", 3, "--select-tasks", "i2t")
+    assert res.exit_code == 0, res.output
+    info = last_json(res.output)
+    chosen_on = info["selection"]["selection_set"]
+    assert chosen_on["split"] == "val" and chosen_on["tasks"] == ["i2t"]
+    assert len(info["submodel"]["layers"]) == 1 and all(len(e) == 4 for e in info["submodel"]["experts"].values())
 
     res = invoke("eval", tmp_path / "small", "--n-text", 8, "--n-caption", 4, "--per-kind", 1, "--no-speed",
                  "--out", tmp_path / "eval.json")

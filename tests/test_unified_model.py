@@ -197,3 +197,46 @@ def test_loss_has_all_parts_and_decreases(vocab):
         losses.append(loss.item())
     assert set(parts) == {"text", "mtp1", "mtp2", "image"}
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_selection_on_val_picks_lowest_loss_choices(vocab):
+    from ernielab.models.unified.evaluation import heldout
+    from ernielab.models.unified.selection import heldout_loss, select_submodel, selection_set
+
+    model = make_model(vocab)  # 3 layers, 8 experts, top-2
+    torch.manual_seed(0)
+    vq = VQTokenizer(VQConfig.tiny()).eval()
+    tok = TextTokenizer(vocab)
+    # the selection set is val items far past those evaluation reads: the same items only at offset 0
+    _, captions = heldout(3, 16)
+    evaluated = collate([text_sequence(tok.encode(c), 4) for c in captions])["tokens"]
+    assert torch.equal(selection_set(vq, tok, 3, offset=0)["text"]["tokens"], evaluated)
+    batches = selection_set(vq, tok, 6)
+    assert not torch.equal(batches["text"]["tokens"][:3, :evaluated.shape[1]], evaluated)
+
+    sub, report = select_submodel(model, vq, depth=2, num_experts=5, top_k=1, n=6)
+    # dropping one layer is exhaustive: the chosen pair has the lowest loss of the three
+    losses = {layers: heldout_loss(model, batches, SubModel(layers=layers, top_k=1))
+              for layers in [(0, 1), (0, 2), (1, 2)]}
+    assert sub.layers == min(losses, key=losses.get)
+    assert sub.top_k == 1 and set(sub.expert_masks) == set(sub.layers)
+    assert all(int(m.sum()) == 5 for m in sub.expert_masks.values())
+    assert report["loss"] == pytest.approx(heldout_loss(model, batches, sub))
+    small = extract_submodel(model, sub)
+    inputs = model_inputs(batches["i2t"])
+    torch.testing.assert_close(small(**inputs), model(**inputs, sub=sub), atol=1e-5, rtol=1e-5)
+
+
+def test_expert_selection_drops_the_least_needed_expert(vocab):
+    from ernielab.models.unified.selection import heldout_loss, select_experts, selection_set
+
+    model = make_model(vocab)
+    vq = VQTokenizer(VQConfig.tiny()).eval()
+    batches = selection_set(vq, TextTokenizer(vocab), 6)
+    masks, trace = select_experts(model, batches, (0,), num_experts=7)
+    scores = []
+    for e in range(8):
+        mask = torch.ones(8, dtype=torch.bool)
+        mask[e] = False
+        scores.append(heldout_loss(model, batches, SubModel(layers=(0,), expert_masks={0: mask})))
+    assert int((~masks[0]).nonzero()) == min(range(8), key=scores.__getitem__) == trace[0]["dropped_expert"]

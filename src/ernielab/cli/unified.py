@@ -159,18 +159,32 @@ def caption(model_dir: Path = typer.Argument(..., help="a model folder"),
 @user_errors
 def extract_submodel(model_dir: Path = typer.Argument(..., help="the elastic super-model folder"),
                      out: Path = typer.Argument(..., help="folder for the standalone sub-model"),
-                     depth: Optional[int] = DEPTH, experts: Optional[int] = EXPERTS, top_k: Optional[int] = TOP_K):
+                     depth: Optional[int] = DEPTH, experts: Optional[int] = EXPERTS, top_k: Optional[int] = TOP_K,
+                     select_on_val: bool = typer.Option(
+                         False, help="choose the kept layers / experts by held-out loss on val items the eval never "
+                                     "reads (default: evenly spaced layers, experts by training gate mass)"),
+                     select_n: int = typer.Option(64, help="val items in the selection set (per task)"),
+                     select_tasks: str = typer.Option("t2i,i2t,text", help="tasks whose loss is summed for selection"),
+                     threads: int = THREADS):
     """Cut a smaller standalone model (depth, experts, top-k) out of an elastically trained one."""
     from ..models.unified import extract_submodel as extract, load_model, parameter_counts, save_model
+    from ..models.unified.selection import select_submodel
     from ..models.unified.submodel import describe_submodel, submodel_summary
 
+    set_threads(threads)
     if out.resolve() == model_dir.resolve():
         raise ValueError("the output folder must differ from the model folder")
     model, vq, meta = load_model(model_dir)
-    sub = describe_submodel(model, depth=depth, num_experts=experts, top_k=top_k)
+    selection = None
+    if select_on_val:
+        tasks = tuple(t.strip() for t in select_tasks.split(",") if t.strip())
+        sub, report = select_submodel(model, vq, depth, experts, top_k, n=select_n, tasks=tasks)
+        selection = {k: report[k] for k in ("selection_set", "loss")}
+    else:
+        sub = describe_submodel(model, depth=depth, num_experts=experts, top_k=top_k)
     small = extract(model, sub)
     info = {"source": str(model_dir), "submodel": submodel_summary(sub), "params": parameter_counts(small),
-            "source_params": parameter_counts(model)}
+            "source_params": parameter_counts(model), "selection": selection}
     save_model(out, small, vq, {**meta, **info})
     typer.echo(json.dumps({"output": str(out), **info}))
 

@@ -10,10 +10,20 @@ Routing (DeepSeek-V3 / ERNIE 5.0 style):
   under-loaded experts and down for over-loaded ones (no auxiliary loss term distorts the LM loss);
 - an expert mask removes experts from selection (elastic width, extracted sub-models).
 
-Dispatch: the (token, expert) assignments are sorted by expert, tokens gathered into one contiguous
-[N*k, D] block, every expert's slice multiplied by its own weights with one grouped matmul
-(`torch.nn.functional.grouped_mm`, a loop over experts where it is missing) and the weighted results
-scattered back with `index_add_`. No Python loop over tokens.
+Dispatch (exact implementations of the same sparse computation, chosen by `MoEFeedForward.dispatch`;
+none has a Python loop over tokens and none evaluates an expert on tokens not routed to it):
+- "fused" (default): the (token, expert) assignments are sorted by expert, tokens gathered into one
+  contiguous [N*k, D] block, and each expert's slice multiplied by its own weights with grouped matmuls
+  (`torch.nn.functional.grouped_mm`, a loop over experts where it is missing); the weighted results are
+  scattered back with `index_add_`. The gate and up projections are stored fused ([E, D, 2H]), so one
+  grouped matmul computes both: on CPU grouped_mm runs one small matmul per expert, and per-call
+  overhead, not arithmetic, dominates at decoding sizes, so 2 grouped matmuls instead of 3 is faster.
+- "grouped": the same with separate gate and up grouped matmuls (the pre-fusion dispatch, kept to
+  measure against).
+- "padded": every assignment gets a slot in its expert's row of a zero-padded [E, C, D] buffer, C = the
+  most tokens any expert received *in this call* (nothing is dropped), and each weight is applied with
+  one `torch.bmm` over all experts. Measured slower than "fused" on CPU at every size (docs/unified.md):
+  CPU bmm also loops over the batch, and pays for the padding.
 """
 from __future__ import annotations
 
@@ -120,19 +130,51 @@ class TopKRouter(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Routed GeGLU experts (weights stacked [E, ...]) plus an optional always-on shared GeGLU expert."""
+    """Routed GeGLU experts plus an optional always-on shared GeGLU expert.
+
+    Expert weights are stacked over experts: gate and up fused as w_gate_up [E, D, 2H] (`w_gate` and
+    `w_up` are views of its halves), down as w_down [E, H, D].
+    """
+
+    DISPATCH_MODES = ("fused", "grouped", "padded")
 
     def __init__(self, dim: int, num_experts: int, expert_hidden: int, top_k: int, shared_hidden: int = 0,
-                 balance_rate: float = 1e-2):
+                 balance_rate: float = 1e-2, dispatch: str = "fused"):
         super().__init__()
         self.num_experts, self.expert_hidden = num_experts, expert_hidden
+        self.dispatch = dispatch  # a speed choice only: every mode computes the same outputs
         self.router = TopKRouter(dim, num_experts, top_k, balance_rate)
         std_in, std_out = dim ** -0.5, expert_hidden ** -0.5
-        self.w_gate = nn.Parameter(torch.randn(num_experts, dim, expert_hidden) * std_in)
-        self.w_up = nn.Parameter(torch.randn(num_experts, dim, expert_hidden) * std_in)
+        w_gate = torch.randn(num_experts, dim, expert_hidden) * std_in
+        w_up = torch.randn(num_experts, dim, expert_hidden) * std_in
+        self.w_gate_up = nn.Parameter(torch.cat([w_gate, w_up], -1))
         self.w_down = nn.Parameter(torch.randn(num_experts, expert_hidden, dim) * std_out)
         self.shared = GeGLU(dim, shared_hidden) if shared_hidden > 0 else None
         self.last_index: torch.Tensor | None = None  # [N, k] of the latest call, for load statistics
+
+    @property
+    def w_gate(self) -> torch.Tensor:
+        return self.w_gate_up[..., : self.expert_hidden]
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        return self.w_gate_up[..., self.expert_hidden:]
+
+    @property
+    def dispatch(self) -> str:
+        return self._dispatch
+
+    @dispatch.setter
+    def dispatch(self, mode: str) -> None:
+        if mode not in self.DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {self.DISPATCH_MODES}, got {mode!r}")
+        self._dispatch = mode
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = (prefix + "w_gate", prefix + "w_up")
+        if all(k in state_dict for k in old):  # written before gate and up were fused
+            state_dict[prefix + "w_gate_up"] = torch.cat([state_dict.pop(old[0]), state_dict.pop(old[1])], -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def top_k(self) -> int:
@@ -149,7 +191,14 @@ class MoEFeedForward(nn.Module):
         return out.reshape(x.shape)
 
     def experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Grouped dispatch: sort assignments by expert, one grouped matmul per weight, scatter-add back."""
+        """sum_j gate[:, j] * expert_{index[:, j]}(x) for x [N, D], index and gate [N, k]."""
+        if self.dispatch == "padded" and index.numel():
+            return self.padded_experts(x, index, gate)
+        return self.grouped_experts(x, index, gate, fused=self.dispatch != "grouped")
+
+    def grouped_experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor,
+                        fused: bool = True) -> torch.Tensor:
+        """Sort assignments by expert, grouped matmuls (gate|up fused or not, then down), scatter-add back."""
         k = index.shape[1]
         flat_expert = index.reshape(-1)
         order = flat_expert.argsort(stable=True)
@@ -157,10 +206,30 @@ class MoEFeedForward(nn.Module):
         counts = expert_load(flat_expert, self.num_experts)
         offsets = counts.cumsum(0).to(torch.int32)
         routed = x[token]
-        hidden = F.gelu(grouped_matmul(routed, self.w_gate, counts, offsets))
-        hidden = hidden * grouped_matmul(routed, self.w_up, counts, offsets)
+        if fused:
+            gate_up = grouped_matmul(routed, self.w_gate_up, counts, offsets)
+            # gelu on a strided half is several times slower on CPU than a copy + contiguous gelu
+            gate_h, up_h = gate_up[:, : self.expert_hidden].contiguous(), gate_up[:, self.expert_hidden:]
+        else:
+            gate_h = grouped_matmul(routed, self.w_gate, counts, offsets)
+            up_h = grouped_matmul(routed, self.w_up, counts, offsets)
+        hidden = F.gelu(gate_h) * up_h
         out = grouped_matmul(hidden, self.w_down, counts, offsets) * gate.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, out)
+
+    def padded_experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """One bmm per weight over a zero-padded [E, capacity, D] buffer; capacity = this call's busiest
+        expert, so no token is dropped. Assignment (t, j) to expert e takes the slot after the earlier
+        assignments to e; no sort and no scatter-add are needed."""
+        flat = index.reshape(-1)
+        capacity = int(expert_load(flat, self.num_experts).max())
+        earlier = F.one_hot(flat, self.num_experts).cumsum(0).gather(1, flat[:, None]).squeeze(1) - 1
+        slot = (flat * capacity + earlier).view(index.shape)  # [N, k], all distinct
+        buffer = x.new_zeros(self.num_experts * capacity, x.shape[1]).index_put((slot,), x.unsqueeze(1))
+        gate_up = torch.bmm(buffer.view(self.num_experts, capacity, -1), self.w_gate_up)
+        hidden = F.gelu(gate_up[..., : self.expert_hidden].contiguous()) * gate_up[..., self.expert_hidden:]
+        out = torch.bmm(hidden, self.w_down).view(-1, x.shape[1])[slot]  # [N, k, D]
+        return (out * gate.unsqueeze(-1)).sum(1)
 
     def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e alone on x [..., D] (reference path for tests and inspection)."""
@@ -171,10 +240,9 @@ class MoEFeedForward(nn.Module):
         """A copy holding only experts `keep` (int ids, in order): same outputs as this layer with those
         experts unmasked and the rest masked."""
         keep = keep.to(torch.long)
-        sub = MoEFeedForward(self.w_gate.shape[1], len(keep), self.expert_hidden, min(self.top_k, len(keep)),
-                             0, self.router.balance_rate)
-        sub.w_gate.copy_(self.w_gate[keep])
-        sub.w_up.copy_(self.w_up[keep])
+        sub = MoEFeedForward(self.w_gate_up.shape[1], len(keep), self.expert_hidden, min(self.top_k, len(keep)),
+                             0, self.router.balance_rate, self.dispatch)
+        sub.w_gate_up.copy_(self.w_gate_up[keep])
         sub.w_down.copy_(self.w_down[keep])
         sub.router.proj.weight.copy_(self.router.proj.weight[keep])
         sub.router.expert_bias.copy_(self.router.expert_bias[keep])

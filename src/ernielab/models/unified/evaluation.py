@@ -6,7 +6,8 @@
   unparseable caption is wrong);
 - image alignment: images generated for balanced evaluation prompts (`make_prompts`), decoded by the
   VQ and scored by `ernielab.eval.alignment.score` ("all" = every attribute right);
-- decoding speed: generated tokens per second at a fixed batch, best of a few repeats;
+- decoding speed: generated tokens per second at a fixed batch, best of a few repeats, per wall-clock
+  second and per CPU second of the decoding thread;
 - routing: expert load balance per modality on held-out sequences (routing never sees the modality).
 """
 from __future__ import annotations
@@ -82,21 +83,25 @@ def decoding_speed(model: UnifiedTransformer, vq: VQTokenizer, tok: TextTokenize
     prompts = [tok.encode(p) for p in make_prompts("single", batch, seed=1)]
     codes = vq.encode(images[:batch])
 
-    def best_time(fn) -> tuple[float, int]:
+    def best_time(fn) -> tuple[float, float, int]:
+        """Best wall time and best CPU time of this thread (the latter ignores time spent descheduled
+        while another process has the core, so it is steadier on a shared machine)."""
         fn()  # warm-up
-        times, out = [], None
+        wall, cpu, out = [], [], None
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = fn()
-            times.append(time.perf_counter() - t0)
-        return min(times), out
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
+        return min(wall), max(min(cpu), 1e-9), out
 
-    t_img, (img_codes, img_steps) = best_time(lambda: generate_image_codes(model, prompts, sub, 1.0, 0.0))
-    t_txt, (ids, txt_steps) = best_time(lambda: caption_codes(model, codes, sub=sub))
+    t_img, c_img, (img_codes, img_steps) = best_time(lambda: generate_image_codes(model, prompts, sub, 1.0, 0.0))
+    t_txt, c_txt, (ids, txt_steps) = best_time(lambda: caption_codes(model, codes, sub=sub))
     text_tokens = sum(len(r) + 1 for r in ids)  # + EOS
     return {"image_tokens_per_s": img_codes.numel() / t_img, "image_steps": img_steps,
             "image_tokens_per_step": img_codes.numel() // (batch * img_steps),
-            "text_tokens_per_s": text_tokens / t_txt, "batch": batch}
+            "text_tokens_per_s": text_tokens / t_txt, "batch": batch,
+            "image_tokens_per_cpu_s": img_codes.numel() / c_img, "text_tokens_per_cpu_s": text_tokens / c_txt}
 
 
 @torch.no_grad()

@@ -199,7 +199,7 @@ def unified_loss(model: UnifiedTransformer, batch: dict[str, torch.Tensor], sub:
         text_loss = F.cross_entropy(model.text_logits(h[sel]).float(), text_t[sel])
         loss = loss + text_loss
         parts["text"] = text_loss.item()
-        for depth in range(1, len(model.mtp) + 1):
+        for depth in range(1, len(model.mtp) + 1 if mtp_weight else 1):  # weight 0: skip the heads
             shifted = torch.full_like(text_t, IGNORE)
             shifted[:, :-depth] = text_t[:, depth:]
             shifted[~sel] = IGNORE
