@@ -34,6 +34,9 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled model)")
     ap.add_argument("--student", action="append", default=[], help="NAME=FOLDER of a distilled student (repeatable)")
+    ap.add_argument("--hybrid", action="append", default=[],
+                    help="NAME=STUDENT+TEACHER: the student's steps with the teacher taking the last one, no CFG "
+                         "(TextToImagePipeline.with_finisher; same forward count as the student alone)")
     ap.add_argument("--teacher-guidance", type=float, action="append", default=[],
                     help="extra 50-step teacher row at this CFG scale (repeatable), e.g. the scale a student's "
                          "real score used when it differs from the teacher's released one")
@@ -71,6 +74,16 @@ def rows(args) -> list[dict]:
         for steps in (8, 4):
             out.append({"name": f"{name}_{steps}", "pipe": student, "steps": steps,
                         "guidance": student.config.guidance_scale, "shift": student.config.shift, "path": path})
+    for spec in args.hybrid:
+        name, _, paths = spec.partition("=")
+        student_path, _, teacher_path = paths.partition("+")
+        if not teacher_path:
+            raise SystemExit(f"error: --hybrid must be NAME=STUDENT+TEACHER, got {spec!r}")
+        finisher = TextToImagePipeline.from_pretrained(teacher_path).transformer
+        pipe = TextToImagePipeline.from_pretrained(student_path).with_finisher(finisher, steps=1)
+        for steps in (8, 4):
+            out.append({"name": f"{name}_{steps}", "pipe": pipe, "steps": steps, "guidance": pipe.config.guidance_scale,
+                        "shift": pipe.config.shift, "path": student_path, "finisher_path": teacher_path})
     return out
 
 
@@ -82,7 +95,10 @@ def generate(row: dict, prompts: list[str], seed: int, batch_size: int) -> torch
 def cached_images(row: dict, prompts: list[str], seed: int, args) -> np.ndarray:
     """uint8 images of a quality set; reused from --cache when weights, sampling, prompts and seed match.
     (Quality sets are deterministic; only the timing phase has to run in the same process.)"""
-    weights = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(Path(row["path"]).glob("transformer/*"))))
+    files = sorted(Path(row["path"]).glob("transformer/*"))
+    if row.get("finisher_path"):
+        files += sorted(Path(row["finisher_path"]).glob("transformer/*"))
+    weights = hashlib.sha1(b"".join(f.read_bytes() for f in files))
     key = json.dumps([weights.hexdigest(), row["steps"], row["guidance"], row["shift"], seed, prompts])
     file = Path(args.cache) / f"{row['name']}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy" if args.cache else None
     if file is not None and file.is_file():

@@ -84,6 +84,42 @@ def test_gan_head_trains_resumes_exactly_and_leaves_the_fake_net_out_of_the_gene
     assert all(p.grad is None for p in trainer.fake.parameters()) and all(p.requires_grad for p in trainer.fake.parameters())
 
 
+def test_finisher_takes_the_last_step_and_round_trips(tmp_path, tiny_pipeline_dir):
+    import copy
+
+    from ernielab.pipeline import TextToImagePipeline
+
+    student = TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
+    teacher = copy.deepcopy(student.transformer)
+    for p in teacher.parameters():  # a different network, so its step shows in the output
+        p.data.add_(0.05 * torch.randn_like(p))
+    hybrid = student.with_finisher(teacher, steps=1)
+    calls = {"student": [], "finisher": []}
+    student.transformer.register_forward_hook(lambda m, a, o: calls["student"].append(len(a[0])))
+    teacher.register_forward_hook(lambda m, a, o: calls["finisher"].append(len(a[0])))
+    prompts = ["a red circle", "two blue squares"]
+    images = hybrid.generate(prompts, seed=0, steps=4, guidance_scale=2.0)
+    assert calls == {"student": [4, 4, 4], "finisher": [2]}  # CFG doubles the student's batch, never the finisher's
+    assert not torch.allclose(images, student.generate(prompts, seed=0, steps=4, guidance_scale=2.0))
+    hybrid.save_pretrained(tmp_path / "hybrid")
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "hybrid")
+    assert loaded.config.finisher_steps == 1
+    assert torch.allclose(loaded.generate(prompts, seed=0, steps=4, guidance_scale=2.0), images, atol=1e-5)
+    (tmp_path / "hybrid" / "finisher" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="finisher"):
+        TextToImagePipeline.from_pretrained(tmp_path / "hybrid")
+
+
+def test_distill_ships_the_teacher_as_finisher_when_asked(tmp_path, tiny_pipeline_dir):
+    from ernielab.pipeline import TextToImagePipeline
+
+    DistillTrainer(tiny_distill(tmp_path, tiny_pipeline_dir, steps=1, finisher_steps=1)).train()
+    shipped = TextToImagePipeline.from_pretrained(tmp_path / "student")
+    teacher = load_file(str(tiny_pipeline_dir / "transformer" / "model.safetensors"))
+    finisher = load_file(str(tmp_path / "student" / "finisher" / "model.safetensors"))
+    assert shipped.config.finisher_steps == 1 and all(torch.equal(teacher[k], finisher[k]) for k in teacher)
+
+
 def test_hidden_states_are_the_image_tokens_after_that_many_blocks(tiny_pipeline_dir):
     from ernielab.models.image import ErnieImageTransformer
 

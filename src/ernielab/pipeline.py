@@ -1,7 +1,8 @@
 """Text-to-image pipeline: text encoder -> ERNIE-Image transformer + Euler/CFG sampler -> latent decoder.
 
 On disk (`save_pretrained`): pipeline.json (text encoder, latent space, sampling defaults) and
-transformer/ (config.json + model.safetensors).
+transformer/ (config.json + model.safetensors); a few-step student may also carry finisher/, a second
+transformer (e.g. its teacher) that takes the last `finisher_steps` steps without CFG.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class PipelineConfig(Config):
     guidance_scale: float = 4.0
     shift: float = 4.0
     negative_prompt: str = ""
+    finisher_steps: int = 0  # last steps run by finisher/ (no CFG); 0 = none
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -48,11 +50,28 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 class TextToImagePipeline:
     def __init__(self, transformer: ErnieImageTransformer, text_encoder: TextEncoder, latent_space,
-                 config: PipelineConfig | None = None):
+                 config: PipelineConfig | None = None, finisher: torch.nn.Module | None = None):
         self.transformer = transformer.eval()
         self.text_encoder = text_encoder
         self.latent_space = latent_space
         self.config = config or PipelineConfig(text_encoder=text_encoder.config, latent=latent_space.config)
+        self.finisher = finisher.eval() if finisher is not None else None
+        if (self.finisher is None) != (self.config.finisher_steps == 0):
+            raise ValueError("finisher_steps > 0 needs a finisher transformer, and a finisher needs finisher_steps > 0")
+
+    def with_finisher(self, finisher: torch.nn.Module, steps: int = 1) -> "TextToImagePipeline":
+        """This pipeline with `finisher` (same latent space and text features) taking the last `steps` steps.
+
+        A distilled student keeps the layout right but can leave a faint noise floor its own weights do not see;
+        its teacher's one last denoising step, without CFG, removes it at the cost of one forward (docs/turbo.md)."""
+        for name in ("in_channels", "out_channels", "text_in_dim", "patch_size"):
+            if getattr(finisher.config, name) != getattr(self.transformer.config, name):
+                raise ValueError(f"finisher {name} {getattr(finisher.config, name)} differs from the transformer's "
+                                 f"{getattr(self.transformer.config, name)}")
+        if steps < 1:
+            raise ValueError(f"finisher steps must be >= 1, got {steps}")
+        return TextToImagePipeline(self.transformer, self.text_encoder, self.latent_space,
+                                   self.config.replace(finisher_steps=steps), finisher)
 
     @property
     def device(self) -> torch.device:
@@ -60,6 +79,8 @@ class TextToImagePipeline:
 
     def to(self, device) -> "TextToImagePipeline":
         self.transformer.to(device)
+        if self.finisher is not None:
+            self.finisher.to(device)
         self.latent_space.to(device)
         return self
 
@@ -68,6 +89,8 @@ class TextToImagePipeline:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(path / "transformer", dtype=dtype)
+        if self.finisher is not None:
+            self.finisher.save_pretrained(path / "finisher", dtype=dtype)
         self.config.save(path / PIPELINE_CONFIG)
 
     @classmethod
@@ -84,7 +107,12 @@ class TextToImagePipeline:
         if transformer.config.text_in_dim != text_encoder.dim:
             raise ValueError(f"text encoder dim {text_encoder.dim} != transformer text_in_dim "
                              f"{transformer.config.text_in_dim}")
-        return cls(transformer, text_encoder, build_latent_space(config.latent, vae).to(device), config)
+        finisher = None
+        if config.finisher_steps > 0:
+            if not (path / "finisher").is_dir():
+                raise FileNotFoundError(f"{path / PIPELINE_CONFIG} sets finisher_steps but {path / 'finisher'} is missing")
+            finisher = load_transformer(path / "finisher", dtype=dtype).to(device)
+        return cls(transformer, text_encoder, build_latent_space(config.latent, vae).to(device), config, finisher)
 
     # ---- generation ----------------------------------------------------------------------------
     def initial_noise(self, n: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -125,7 +153,10 @@ class TextToImagePipeline:
             uncond = self.text_encoder([negative] * len(chunk), device=self.device, dtype=dtype)
             denoiser = cfg_denoiser(self.transformer, cond, uncond, guidance_scale)
             x = noise[start : start + batch_size].to(self.device, dtype)
-            x = euler_sample(denoiser, x, sigmas, progress=progress and len(prompts) <= batch_size)
+            split = len(sigmas) - 1 - min(cfg.finisher_steps, steps - 1)  # the finisher never takes every step
+            x = euler_sample(denoiser, x, sigmas[: split + 1], progress=progress and len(prompts) <= batch_size)
+            if split < len(sigmas) - 1:
+                x = euler_sample(cfg_denoiser(self.finisher, cond, uncond, 1.0), x, sigmas[split:])
             out.append(self.latent_space.decode(x.float()).cpu())
         return torch.cat(out)
 

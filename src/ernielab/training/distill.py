@@ -77,6 +77,7 @@ class DistillConfig(TrainConfig):
     gan_feature_depth: int = 0  # blocks of the fake-score net before the head reads them; 0 = half the depth
     gan_sigma_max: float = 1.0  # GAN inputs are re-noised to sigma in [0, gan_sigma_max]: low noise shows fine detail
     fake_init_from: str = ""  # fake-score net's initial weights (a data denoiser, e.g. the teacher); "" = init_from
+    finisher_steps: int = 0  # ship the first teacher inside student/ to take the last N steps (no CFG); 0 = student only
     # TrainConfig defaults that suit distillation better
     output_dir: str = "runs/distill"
     lr: float = 2e-5
@@ -398,7 +399,7 @@ class DistillTrainer(Trainer):
         if not in_sync:
             raise RuntimeError("student replicas diverged across processes")
         if acc.is_main_process:
-            self.export_pipeline(self.out / "student")
+            self.export_student(self.out / "student")
         acc.wait_for_everyone()
         return {"step": step, "elapsed_s": time.time() - t0, "student": str(self.out / "student")}
 
@@ -429,6 +430,17 @@ class DistillTrainer(Trainer):
                 "student_k": info["student_k"]}
 
     # ---- persistence -------------------------------------------------------------------------
+    def export_student(self, path: Path) -> None:
+        self.export_pipeline(path)
+        if self.config.finisher_steps > 0:
+            from ..pipeline import TextToImagePipeline
+
+            teacher = self.teachers.models[0]
+            if not isinstance(teacher, type(self.model)):
+                raise ValueError("finisher_steps needs a plain ErnieImageTransformer as the first teacher")
+            student = TextToImagePipeline.from_pretrained(path)
+            student.with_finisher(copy.deepcopy(teacher).float(), self.config.finisher_steps).save_pretrained(path)
+
     def log(self, record: dict) -> None:
         if self.metrics is not None:
             self.metrics.write(record)
