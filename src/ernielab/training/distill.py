@@ -278,7 +278,7 @@ class DistillTrainer(Trainer):
         """Flow matching of the fake score on student samples; with a GAN head, plus the discriminator loss
         on (noised) student samples vs. the batch's real images under the same captions."""
         cfg, acc = self.config, self.accelerator
-        params = list(fake.parameters()) + (list(head.parameters()) if head is not None else [])
+        params = [p for group in opt_f.param_groups for p in group["params"]]  # fake net (+ GAN head)
         records = []
         for j in range(cfg.fake_updates):
             g = generator("fake", cfg.seed, step, j, self.rank)
@@ -399,7 +399,7 @@ class DistillTrainer(Trainer):
         if not in_sync:
             raise RuntimeError("student replicas diverged across processes")
         if acc.is_main_process:
-            self.export_student(self.out / "student")
+            self.export_pipeline(self.out / "student")
         acc.wait_for_everyone()
         return {"step": step, "elapsed_s": time.time() - t0, "student": str(self.out / "student")}
 
@@ -430,16 +430,15 @@ class DistillTrainer(Trainer):
                 "student_k": info["student_k"]}
 
     # ---- persistence -------------------------------------------------------------------------
-    def export_student(self, path: Path) -> None:
-        self.export_pipeline(path)
-        if self.config.finisher_steps > 0:
-            from ..pipeline import TextToImagePipeline
-
-            teacher = self.teachers.models[0]
-            if not isinstance(teacher, type(self.model)):
-                raise ValueError("finisher_steps needs a plain ErnieImageTransformer as the first teacher")
-            student = TextToImagePipeline.from_pretrained(path)
-            student.with_finisher(copy.deepcopy(teacher).float(), self.config.finisher_steps).save_pretrained(path)
+    def shipped_pipeline(self):
+        """The student; with `finisher_steps`, the first teacher rides along to take the last steps."""
+        pipe = super().shipped_pipeline()
+        if self.config.finisher_steps <= 0:
+            return pipe
+        teacher = self.teachers.models[0]
+        if not isinstance(teacher, type(self.model)):
+            raise ValueError("finisher_steps needs a plain ErnieImageTransformer as the first teacher")
+        return pipe.with_finisher(copy.deepcopy(teacher).float(), self.config.finisher_steps)
 
     def log(self, record: dict) -> None:
         if self.metrics is not None:

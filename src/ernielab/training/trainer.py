@@ -270,10 +270,13 @@ class Trainer:
         self.ema.copy_to(shipped)
         return shipped
 
-    def export_pipeline(self, path: Path, dtype: torch.dtype | None = None) -> None:
+    def shipped_pipeline(self) -> TextToImagePipeline:
+        """The pipeline a finished run exports (a hook: distillation adds its finisher)."""
         sampling = pipeline_config(self.config)
-        pipe = TextToImagePipeline(self.final_model().float().eval(), self.text_encoder, self.latent_space, sampling)
-        pipe.save_pretrained(path, dtype=dtype)
+        return TextToImagePipeline(self.final_model().float().eval(), self.text_encoder, self.latent_space, sampling)
+
+    def export_pipeline(self, path: Path, dtype: torch.dtype | None = None) -> None:
+        self.shipped_pipeline().save_pretrained(path, dtype=dtype)
 
 
 def export_checkpoint(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
