@@ -70,10 +70,7 @@ def rows(args) -> list[dict]:
         name, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"error: --student must be NAME=FOLDER, got {spec!r}")
-        student = TextToImagePipeline.from_pretrained(path)
-        for steps in (8, 4):
-            out.append({"name": f"{name}_{steps}", "pipe": student, "steps": steps,
-                        "guidance": student.config.guidance_scale, "shift": student.config.shift, "path": path})
+        out += few_step_rows(name, TextToImagePipeline.from_pretrained(path), path)
     for spec in args.hybrid:
         name, _, paths = spec.partition("=")
         student_path, _, teacher_path = paths.partition("+")
@@ -81,10 +78,14 @@ def rows(args) -> list[dict]:
             raise SystemExit(f"error: --hybrid must be NAME=STUDENT+TEACHER, got {spec!r}")
         finisher = TextToImagePipeline.from_pretrained(teacher_path).transformer
         pipe = TextToImagePipeline.from_pretrained(student_path).with_finisher(finisher, steps=1)
-        for steps in (8, 4):
-            out.append({"name": f"{name}_{steps}", "pipe": pipe, "steps": steps, "guidance": pipe.config.guidance_scale,
-                        "shift": pipe.config.shift, "path": student_path, "finisher_path": teacher_path})
+        out += few_step_rows(name, pipe, student_path, finisher_path=teacher_path)
     return out
+
+
+def few_step_rows(name: str, pipe, path: str, **extra) -> list[dict]:
+    """A distilled pipeline at 8 and 4 steps with its own (shipped) guidance and shift."""
+    return [{"name": f"{name}_{steps}", "pipe": pipe, "steps": steps, "guidance": pipe.config.guidance_scale,
+             "shift": pipe.config.shift, "path": path, **extra} for steps in (8, 4)]
 
 
 def generate(row: dict, prompts: list[str], seed: int, batch_size: int) -> torch.Tensor:

@@ -108,6 +108,11 @@ def test_finisher_takes_the_last_step_and_round_trips(tmp_path, tiny_pipeline_di
     (tmp_path / "hybrid" / "finisher" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="finisher"):
         TextToImagePipeline.from_pretrained(tmp_path / "hybrid")
+    from ernielab.models.image import ErnieImageConfig, ErnieImageTransformer
+
+    wrong_text = ErnieImageTransformer(ErnieImageConfig.tiny(in_channels=48, text_in_dim=32))
+    with pytest.raises(ValueError, match="text_in_dim 32 differs from 384"):
+        student.with_finisher(wrong_text)
 
 
 def test_distill_ships_the_teacher_as_finisher_when_asked(tmp_path, tiny_pipeline_dir):
@@ -186,3 +191,41 @@ def test_cli_bad_config_is_one_error_line(tmp_path, tiny_pipeline_dir):
     assert result.exit_code == 2 and "fake_updates" in result.output
     result = runner.invoke(app, ["distill", str(tmp_path / "nope.json")])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_final_step_loss_matches_the_teacher_at_the_last_step(tmp_path, tiny_pipeline_dir):
+    trainer = DistillTrainer(tiny_distill(tmp_path, tiny_pipeline_dir, final_step_weight=1.0))
+    cond, _ = trainer.encode(["a red circle", "two blue squares"])
+    x_k = torch.randn(2, 48, 8, 8, generator=torch.Generator().manual_seed(0))
+    student = trainer.model
+    assert trainer.final_step_loss(student, x_k, 0, 4, cond).item() < 1e-10  # starts as the teacher
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    calls = []
+    hook = student.register_forward_hook(lambda m, a, o: calls.append(float(a[1][0])))
+    loss = trainer.final_step_loss(student, x_k, 1, 4, cond)
+    hook.remove()
+    assert loss.item() > 1e-6
+    assert calls == pytest.approx([750.0, 500.0, 250.0])  # steps 1 and 2 without grad, then the last sigma (0.25)
+    loss.backward()
+    assert all(p.grad is None for p in trainer.teachers.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    DistillTrainer(tiny_distill(tmp_path / "run", tiny_pipeline_dir, steps=2, final_step_weight=1.0)).train()
+    record = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "loss_final" in l]
+    assert record and torch.isfinite(torch.tensor(record[-1]["loss_final"]))
+
+
+def test_distill_refuses_to_resume_a_plain_training_run(tmp_path, tiny_pipeline_dir):
+    from ernielab.training.trainer import Trainer
+
+    cfg = tiny_distill(tmp_path, tiny_pipeline_dir, steps=1)
+    Trainer(plain_train_config_for(cfg)).train()  # a plain run's checkpoint in the same folder
+    with pytest.raises(ValueError, match="not a distillation checkpoint"):
+        DistillTrainer(cfg).train()
+
+
+def plain_train_config_for(cfg: DistillConfig):
+    from ernielab.training.distill import plain_train_config, resolve_config
+
+    return plain_train_config(resolve_config(cfg))

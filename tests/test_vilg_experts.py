@@ -107,7 +107,7 @@ def test_bad_checkpoints_are_reported(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="refusing"):
         MixtureOfDenoisingExperts.from_pretrained(tmp_path / "m")
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(ValueError, match="expert 1 vs. expert 0: in_channels"):
         MixtureOfDenoisingExperts([random_model(), random_model(in_channels=8, out_channels=8)])
     with pytest.raises(FileNotFoundError, match="mixture"):
         MixtureOfDenoisingExperts.from_pretrained(tmp_path)

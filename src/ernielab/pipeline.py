@@ -17,7 +17,7 @@ from PIL import Image
 from .config import Config
 from .diffusion import cfg_denoiser, euler_sample, sigma_schedule
 from .models.autoencoders import LatentSpaceConfig, build_latent_space
-from .models.image import ErnieImageTransformer
+from .models.image import ErnieImageTransformer, check_interchangeable
 from .models.registry import load_transformer
 from .models.text_encoder import TextEncoder, TextEncoderConfig
 
@@ -64,10 +64,7 @@ class TextToImagePipeline:
 
         A distilled student keeps the layout right but can leave a faint noise floor its own weights do not see;
         its teacher's one last denoising step, without CFG, removes it at the cost of one forward (docs/turbo.md)."""
-        for name in ("in_channels", "out_channels", "text_in_dim", "patch_size"):
-            if getattr(finisher.config, name) != getattr(self.transformer.config, name):
-                raise ValueError(f"finisher {name} {getattr(finisher.config, name)} differs from the transformer's "
-                                 f"{getattr(self.transformer.config, name)}")
+        check_interchangeable(self.transformer.config, finisher.config, "finisher vs. the pipeline's transformer")
         if steps < 1:
             raise ValueError(f"finisher steps must be >= 1, got {steps}")
         return TextToImagePipeline(self.transformer, self.text_encoder, self.latent_space,

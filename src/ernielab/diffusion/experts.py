@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..config import Config
+from ..models.image.config import check_interchangeable
 from ..models.persistence import CONFIG_NAME, WEIGHTS_NAME, load_checked, save_model_folder
 from ..models.registry import register_loader
 from .flow_matching import TIMESTEP_SCALE
@@ -134,10 +135,8 @@ class MixtureOfDenoisingExperts(nn.Module):
         boundaries = uniform_boundaries(len(experts)) if boundaries is None else check_boundaries(boundaries)
         if len(experts) != len(boundaries) - 1:
             raise ValueError(f"{len(experts)} experts need {len(experts) + 1} boundaries, got {len(boundaries)}")
-        for name in ("in_channels", "out_channels", "text_in_dim"):
-            values = {getattr(e.config, name) for e in experts}
-            if len(values) > 1:
-                raise ValueError(f"experts disagree on {name}: {sorted(values)}")
+        for i, expert in enumerate(experts[1:], start=1):
+            check_interchangeable(experts[0].config, expert.config, f"expert {i} vs. expert 0")
         self.experts = nn.ModuleList(experts)
         self.boundaries = boundaries
 

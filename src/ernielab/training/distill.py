@@ -16,6 +16,10 @@ Per generator update (all draws seeded by (seed, step), so a resumed run is exac
    tokens tells noised real images (the data batch) from noised student samples. It trains with the
    fake-score updates (its loss added to theirs); the generator adds a non-saturating loss through it.
    Real data is what lets the student move past the teacher's errors instead of only copying them.
+6. Optional final-step distillation: continue the backward simulation (no grad) to the schedule's last
+   step and regress the student's velocity there onto the first teacher's conditional (no-CFG)
+   velocity at the same state. This teaches the student what a teacher finisher step does (remove
+   the fine residual noise DMD cannot see at its re-noising levels) so no second network ships.
 
 The run folder is a normal training run: `checkpoints/` (student weights + EMA as model/ema;
 fake-score weights and both optimizers in optimizer.pt), `metrics.jsonl`, `train_config.json`
@@ -41,10 +45,9 @@ from ..diffusion import add_noise, flow_matching_loss, sample_training_sigmas, s
 from ..diffusion.flow_matching import TIMESTEP_SCALE
 from ..diffusion.samplers import euler_sample, model_denoiser
 from ..diffusion.teachers import TeacherMixture, parse_teachers
-from ..models.image import ErnieImageConfig
+from ..models.image import ErnieImageConfig, check_interchangeable
 from ..pipeline import DEFAULT_MODEL, PIPELINE_CONFIG, PipelineConfig
 from ..seeding import generator
-from .checkpoint import latest_checkpoint, load_checkpoint
 from .metrics import MetricsLog
 from .schedules import lr_factor
 from .trainer import StepBatchSampler, TrainConfig, Trainer
@@ -78,6 +81,7 @@ class DistillConfig(TrainConfig):
     gan_sigma_max: float = 1.0  # GAN inputs are re-noised to sigma in [0, gan_sigma_max]: low noise shows fine detail
     fake_init_from: str = ""  # fake-score net's initial weights (a data denoiser, e.g. the teacher); "" = init_from
     finisher_steps: int = 0  # ship the first teacher inside student/ to take the last N steps (no CFG); 0 = student only
+    final_step_weight: float = 0.0  # weight of the on-policy last-step regression onto the first teacher (0: off)
     # TrainConfig defaults that suit distillation better
     output_dir: str = "runs/distill"
     lr: float = 2e-5
@@ -107,6 +111,8 @@ def resolve_config(cfg: DistillConfig) -> DistillConfig:
         raise ValueError("distillation does not support grad_accum > 1")
     if cfg.gan_weight < 0 or cfg.gan_disc_weight < 0:
         raise ValueError(f"GAN weights must be >= 0, got {cfg.gan_weight}, {cfg.gan_disc_weight}")
+    if cfg.final_step_weight < 0:
+        raise ValueError(f"final_step_weight must be >= 0, got {cfg.final_step_weight}")
     if not 0.0 < cfg.gan_sigma_max <= 1.0:
         raise ValueError(f"gan_sigma_max must lie in (0, 1], got {cfg.gan_sigma_max}")
     for spec in specs:
@@ -203,10 +209,7 @@ class DistillTrainer(Trainer):
         self.teachers = TeacherMixture.load(parse_teachers(cfg.teachers), cfg.teacher_weighting,
                                             cfg.teacher_temperature, device)
         for spec, teacher in zip(self.teachers.specs, self.teachers.models):
-            for name in ("in_channels", "out_channels", "text_in_dim"):
-                if getattr(teacher.config, name) != getattr(cfg.model, name):
-                    raise ValueError(f"teacher {spec.path}: {name} {getattr(teacher.config, name)} differs from the "
-                                     f"student's {getattr(cfg.model, name)}")
+            check_interchangeable(cfg.model, teacher.config, f"teacher {spec.path} vs. the student")
         # The fake score starts as a denoiser of the data (DMD2: the teacher), not as the few-step student.
         self.fake = copy.deepcopy(self.model)
         if Path(cfg.fake_init_from) != Path(cfg.init_from):
@@ -230,7 +233,17 @@ class DistillTrainer(Trainer):
         x = euler_sample(model_denoiser(student, *cond), noise, sigmas[: k + 1])
         sigma = sigmas[k].expand(len(x)).to(x.device)
         v = student(x, sigma * TIMESTEP_SCALE, *cond)
-        return x - sigma.view(-1, 1, 1, 1) * v, {"student_k": k, "student_n": n}
+        return x - sigma.view(-1, 1, 1, 1) * v, {"student_k": k, "student_n": n, "x_k": x}
+
+    def final_step_loss(self, student: nn.Module, x_k: torch.Tensor, k: int, n: int, cond) -> torch.Tensor:
+        """From the simulated state at step k of the n-step schedule, go on (no grad) to the last step; MSE of
+        the student's velocity there against the first teacher's conditional velocity (what a finisher does)."""
+        sigmas = sigma_schedule(n, self.config.student_shift).to(x_k.device)
+        x = euler_sample(model_denoiser(student, *cond), x_k, sigmas[k:n]) if k < n - 1 else x_k
+        t = sigmas[n - 1].expand(len(x)) * TIMESTEP_SCALE
+        with torch.no_grad():
+            target = self.teachers.models[0](x, t, *cond)
+        return ((student(x, t, *cond).float() - target.float()) ** 2).mean()
 
     def dmd_loss(self, x0: torch.Tensor, cond, uncond, g: torch.Generator) -> torch.Tensor:
         cfg = self.config
@@ -411,13 +424,16 @@ class DistillTrainer(Trainer):
             x0, info = self.backward_simulation(student, cond, g)
             loss_dmd = self.dmd_loss(x0, cond, uncond, g)
             loss = loss_dmd
-            loss_reg = loss_gan = torch.zeros(())
+            loss_reg = loss_gan = loss_final = torch.zeros(())
             if pairs is not None:
                 loss_reg = self.regression_loss(student, pairs, step)
                 loss = loss + cfg.regression_weight * loss_reg
             if head is not None:
                 loss_gan = self.gan_generator_loss(x0, cond, g)
                 loss = loss + cfg.gan_weight * loss_gan
+            if cfg.final_step_weight > 0:
+                loss_final = self.final_step_loss(student, info["x_k"], info["student_k"], info["student_n"], cond)
+                loss = loss + cfg.final_step_weight * loss_final
         acc.backward(loss)
         if cfg.grad_clip > 0:
             acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -426,7 +442,8 @@ class DistillTrainer(Trainer):
         real = self.latent_space.encode(batch["image"].to(x0.device)).float() if head is not None else None
         fake_record = self.fake_score_updates(fake, head, opt_f, sched_f, x0.detach().float(), real, cond, step)
         gan = {"loss_gan": loss_gan.item()} if head is not None else {}
-        return {"loss_dmd": loss_dmd.item(), "loss_reg": loss_reg.item(), **gan, **fake_record,
+        final = {"loss_final": loss_final.item()} if cfg.final_step_weight > 0 else {}
+        return {"loss_dmd": loss_dmd.item(), "loss_reg": loss_reg.item(), **gan, **final, **fake_record,
                 "student_k": info["student_k"]}
 
     # ---- persistence -------------------------------------------------------------------------
@@ -444,26 +461,10 @@ class DistillTrainer(Trainer):
         if self.metrics is not None:
             self.metrics.write(record)
 
-    def maybe_resume(self, state: TrainingState, sched_g) -> int:
-        cfg = self.config
-        if not cfg.resume:
-            return 0
-        path = latest_checkpoint(self.out) if cfg.resume == "auto" else Path(cfg.resume)
-        if path is None:
-            return 0
-        ckpt = load_checkpoint(path)
-        if ErnieImageConfig.from_dict(ckpt["config"].get("model", {}), strict=False) != cfg.model:
-            raise ValueError(f"checkpoint {path} holds a different student model; use a new output_dir or resume=''")
+    def check_resumable(self, ckpt: dict, path: Path) -> None:
+        super().check_resumable(ckpt, path)
         if "fake_model" not in ckpt["optim"]["optimizer"]:
             raise ValueError(f"checkpoint {path} is not a distillation checkpoint (no fake-score state)")
-        self.model.load_state_dict(ckpt["model"])
-        if self.ema is not None and ckpt["ema"] is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        state.load_state_dict(ckpt["optim"]["optimizer"])
-        sched_g.load_state_dict(ckpt["optim"]["scheduler"])
-        if self.accelerator.is_main_process:
-            print(f"resumed from {path} at step {ckpt['step']}")
-        return ckpt["step"]
 
 
 def distill(config: DistillConfig) -> dict:

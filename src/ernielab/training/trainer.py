@@ -247,9 +247,7 @@ class Trainer:
         if path is None:
             return 0
         ckpt = load_checkpoint(path)
-        if type(cfg.model).from_dict(ckpt["config"].get("model", {}), strict=False) != cfg.model:
-            raise ValueError(f"checkpoint {path} was trained with a different model config; "
-                             f"use a new output_dir or resume=''")
+        self.check_resumable(ckpt, path)
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.load_state_dict(ckpt["ema"])
@@ -258,6 +256,12 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {ckpt['step']}")
         return ckpt["step"]
+
+    def check_resumable(self, ckpt: dict, path: Path) -> None:
+        """Refuse, before anything is loaded, a checkpoint this run cannot continue."""
+        if type(self.config.model).from_dict(ckpt["config"].get("model", {}), strict=False) != self.config.model:
+            raise ValueError(f"checkpoint {path} was trained with a different model config; "
+                             f"use a new output_dir or resume=''")
 
     def final_model(self) -> nn.Module:
         """The weights to ship: EMA if kept, else the raw model."""

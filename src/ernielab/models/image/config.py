@@ -34,6 +34,7 @@ class ErnieImageConfig(Config):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]) -> "ErnieImageConfig":
         """Accept a diffusers config.json dict (drops the `_class_name`/`_diffusers_version` bookkeeping)."""
@@ -66,3 +67,12 @@ class ErnieImageConfig(Config):
 
 
 PRESETS = {"release": ErnieImageConfig.release, "small": ErnieImageConfig.small, "tiny": ErnieImageConfig.tiny}
+
+
+def check_interchangeable(reference, other, what: str) -> None:
+    """Raise unless a denoiser with config `other` takes the same inputs and returns the same outputs as one with
+    `reference` (latent channels in and out, text feature width), so either can denoise the other's latents.
+    Duck-typed: MoDE configs expose the same three fields."""
+    for name in ("in_channels", "out_channels", "text_in_dim"):
+        if getattr(other, name) != getattr(reference, name):
+            raise ValueError(f"{what}: {name} {getattr(other, name)} differs from {getattr(reference, name)}")
