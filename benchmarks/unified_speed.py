@@ -1,23 +1,44 @@
 """Decoding tokens/s of unified models, MoE dispatch variants side by side (target T2 of docs/unified.md).
 
-Every (model, dispatch) variant is measured once per round, round-robin, and the best round is kept,
-so that load from other processes hits all variants alike. "grouped" is the old dispatch (three
-grouped_mm), "fused" the new default (gate|up fused, two grouped_mm), "padded" one bmm per weight over a
-zero-padded buffer (see layers/moe.py).
+Every (model, dispatch) variant is measured once per round, round-robin, so that load from other
+processes hits all variants alike. Two summaries, each for wall-clock and for CPU time of the decoding
+thread: the best round of every variant (as in earlier rounds), and the median over rounds of the
+variant / dense ratio *within* a round (steadier when another process comes and goes on the core).
+"grouped" is the old dispatch (three grouped_mm), "fused" the default (gate|up fused, two grouped_mm),
+"padded" one bmm per weight over a zero-padded buffer (see layers/moe.py).
 
-    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/unified_speed.py \\
-        --moe runs/unified/moe/model --dense runs/unified/dense/model --out runs/unified_3k/speed.json
+    OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python benchmarks/unified_speed.py \\
+        --moe runs/unified_3k/moe/model --dense runs/unified_3k/dense/model --dispatch fused \\
+        --rounds 7 --out runs/unified_3k/speed_after_profile.json
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import torch
 
 from ernielab.models.unified import TextTokenizer, load_model
 from ernielab.models.unified.evaluation import decoding_speed, heldout
+
+
+SPEEDS = ("image_tokens_per_s", "text_tokens_per_s", "image_tokens_per_cpu_s", "text_tokens_per_cpu_s")
+
+
+def swap_moe_impl(model, path: Path) -> None:
+    """Replace every MoE layer by the MoEFeedForward of another copy of layers/moe.py, same weights."""
+    spec = importlib.util.spec_from_file_location("ernielab.layers._moe_alt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = model.config
+    for block in model.blocks:
+        alt = module.MoEFeedForward(cfg.dim, cfg.num_experts, cfg.expert_hidden, cfg.top_k, cfg.shared_hidden,
+                                    cfg.balance_rate)
+        alt.load_state_dict(block.ffn.state_dict())
+        block.ffn = alt.eval()
 
 
 def set_dispatch(model, mode: str) -> None:
@@ -33,6 +54,8 @@ def main() -> None:
     ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[8, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--moe-impl", type=Path, default=None,
+                    help="also run the first MoE with the layer of this copy of layers/moe.py (variant 'alt')")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -42,6 +65,10 @@ def main() -> None:
         model = load_model(folder)[0]
         for mode in args.dispatch:
             variants[f"{folder.name}/{mode}"] = (model, mode)
+    if args.moe_impl is not None:
+        alt = load_model(args.moe[0])[0]
+        swap_moe_impl(alt, args.moe_impl)
+        variants[f"{args.moe[0].name}/alt"] = (alt, None)  # its own default dispatch
     tok = TextTokenizer(dense.config.text_vocab)
     images, _ = heldout(max(args.batches), vq.config.image_size, seed=0)
     results: dict = {name: {} for name in variants}
@@ -51,26 +78,27 @@ def main() -> None:
                 if mode is not None:
                     set_dispatch(model, mode)
                 speed = decoding_speed(model, vq, tok, images, batch=batch, repeats=3)
-                best = results[name].setdefault(str(batch), speed)
-                for key in ("image_tokens_per_s", "text_tokens_per_s", "image_tokens_per_cpu_s",
-                            "text_tokens_per_cpu_s"):
-                    best[key] = max(best[key], speed[key])
+                entry = results[name].setdefault(str(batch), {**speed, "rounds": []})
+                entry["rounds"].append({key: speed[key] for key in SPEEDS})
+                for key in SPEEDS:
+                    entry[key] = max(entry[key], speed[key])
     lines = ["| model / dispatch | batch | image tok/s | text tok/s | image vs dense | text vs dense | "
              "image vs dense, CPU time | text vs dense, CPU time |", "|---|---|---|---|---|---|---|---|"]
     for batch in map(str, args.batches):
         d = results["dense"][batch]
         for name, per_batch in results.items():
             r = per_batch[batch]
-            ratio = {k: r[k] / d[k] for k in ("image_tokens_per_s", "text_tokens_per_s", "image_tokens_per_cpu_s",
-                                              "text_tokens_per_cpu_s")}
+            r["ratio_best"] = {k: r[k] / d[k] for k in SPEEDS}
+            r["ratio_median"] = {k: statistics.median(own[k] / ref[k] for own, ref in zip(r["rounds"], d["rounds"]))
+                                 for k in SPEEDS}
+            best, med = r["ratio_best"], r["ratio_median"]
             lines.append(f"| {name} | {batch} | {r['image_tokens_per_s']:.0f} | {r['text_tokens_per_s']:.0f} | "
-                         f"{ratio['image_tokens_per_s']:.2f}x | {ratio['text_tokens_per_s']:.2f}x | "
-                         f"{ratio['image_tokens_per_cpu_s']:.2f}x | {ratio['text_tokens_per_cpu_s']:.2f}x |")
+                         + " | ".join(f"{best[k]:.2f}x (median {med[k]:.2f}x)" for k in SPEEDS) + " |")
     print("\n".join(lines))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"results": results, "table": lines, "rounds": args.rounds,
-                                        "threads": args.threads}, indent=2) + "\n")
+                                        "threads": args.threads, "alt_impl": str(args.moe_impl)}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,27 @@ none has a Python loop over tokens and none evaluates an expert on tokens not ro
   measure against).
 - "padded": every assignment gets a slot in its expert's row of a zero-padded [E, C, D] buffer, C = the
   most tokens any expert received *in this call* (nothing is dropped), and each weight is applied with
-  one `torch.bmm` over all experts. Measured slower than "fused" on CPU at every size (docs/unified.md):
-  CPU bmm also loops over the batch, and pays for the padding.
+  one `torch.bmm` over all experts. Not the default: it pays for the padding (C is set by the busiest
+  expert), and although it beats "fused" on an isolated layer at up to 16 tokens per call, it was
+  slower inside whole decoding steps (batch 8 and 32, docs/unified.md).
+
+Small calls (decoding) on CPU pay a few µs of fixed cost per op, so the layer keeps its op count low
+(docs/unified.md, "Where the MoE's extra time goes"). Each item below computes the same values, up to
+float rounding from a different summation order:
+- the sorting dispatches sort once (values and order together), find group ends with one
+  `searchsorted`, gather with `index_select` and scatter-add onto the shared expert's output (no zero
+  fill, no final add);
+- gelu reads the gate half of the fused projection in place up to `STRIDED_GELU_MAX_ROWS` rows (a copy
+  first is only worth it above);
+- at inference (autograd off) the router and the shared expert's gate and up projections, which read
+  the same input, are one matmul with their weights stacked (a cached copy, see `input_projection`);
+  with autograd on, the modules run separately on their own parameters.
+The router's load statistics (`pending_load`, `gate_mass`) are training-only: eval mode skips them.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -39,19 +54,44 @@ from .mlp import GeGLU
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | None = None,
                    offsets: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, D] sorted into consecutive groups of `counts` rows, weight [E, D, H] -> [M, H].
 
-    Group e is multiplied by weight[e]; empty groups are allowed. `offsets` (int32 cumsum of counts) may
-    be passed in when several matmuls share one grouping.
+    Group e is multiplied by weight[e]; empty groups are allowed. Give `counts`, or `offsets` (the int32
+    cumsum of counts: the end row of every group), or both when several matmuls share one grouping.
     """
     aligned = all(n * x.element_size() % 16 == 0 for n in weight.shape[1:])  # grouped_mm's stride rule
     if _HAS_GROUPED_MM and aligned and x.dtype == weight.dtype and x.shape[0] > 0:
-        offsets = counts.cumsum(0).to(torch.int32) if offsets is None else offsets
+        offsets = counts.cumsum(0, dtype=torch.int32) if offsets is None else offsets
         return F.grouped_mm(x.contiguous(), weight, offs=offsets)
+    if counts is None:
+        counts = offsets.diff(prepend=offsets.new_zeros(1))
     parts = [chunk @ weight[e] for e, chunk in enumerate(x.split(counts.tolist())) if chunk.shape[0]]
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[-1])
+
+
+# gelu of a strided half costs less than copy + contiguous gelu up to about this many rows on CPU, and
+# about 15% more from 4096 rows (measured, docs/unified.md); both give the same values
+STRIDED_GELU_MAX_ROWS = 1024
+
+
+def gelu_times_up(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:
+    """gelu(gate) * up from a fused [..., 2 * hidden] projection (gate first)."""
+    gate, up = gate_up[..., :hidden], gate_up[..., hidden:]
+    if gate_up.numel() > STRIDED_GELU_MAX_ROWS * gate_up.shape[-1]:
+        gate = gate.contiguous()
+    return F.gelu(gate) * up
+
+
+@functools.lru_cache(maxsize=16)
+def _group_ids(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+def group_ends(sorted_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """int32 end row of every group 0..num_groups-1 in ascending ids (= cumsum of the group sizes)."""
+    return torch.searchsorted(sorted_ids, _group_ids(num_groups, sorted_ids.device), right=True, out_int32=True)
 
 
 def expert_load(index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -96,11 +136,16 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor, top_k: int | None = None,
                 expert_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert index [N, k] int64, gate [N, k] in x's dtype, rows summing to 1)."""
+        return self.route(self.proj(x), top_k, expert_mask)
+
+    def route(self, logits: torch.Tensor, top_k: int | None = None,
+              expert_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` after the projection: router logits [N, E] -> (expert index, gate)."""
         k = top_k or self.top_k
         available = self.num_experts if expert_mask is None else int(expert_mask.sum())
         if not 1 <= k <= available:
             raise ValueError(f"top_k {k} must be in [1, {available}] (the experts left by the mask)")
-        scores = torch.sigmoid(self.proj(x).float())
+        scores = torch.sigmoid(logits.float())
         select = scores.detach() + self.expert_bias
         if expert_mask is not None:
             select = select.masked_fill(~expert_mask, float("-inf"))
@@ -111,7 +156,7 @@ class TopKRouter(nn.Module):
             with torch.no_grad():
                 self.pending_load += expert_load(index, self.num_experts).to(self.pending_load.dtype)
                 self.gate_mass.index_add_(0, index.reshape(-1), gate.detach().reshape(-1))
-        return index, gate.to(x.dtype)
+        return index, gate.to(logits.dtype)
 
     @torch.no_grad()
     def update_bias(self, expert_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,6 +196,7 @@ class MoEFeedForward(nn.Module):
         self.w_down = nn.Parameter(torch.randn(num_experts, expert_hidden, dim) * std_out)
         self.shared = GeGLU(dim, shared_hidden) if shared_hidden > 0 else None
         self.last_index: torch.Tensor | None = None  # [N, k] of the latest call, for load statistics
+        self._input_projection: tuple | None = None  # (sources, versions, stacked): see input_projection
 
     @property
     def w_gate(self) -> torch.Tensor:
@@ -183,53 +229,83 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, top_k: int | None = None,
                 expert_mask: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        index, gate = self.router(flat, top_k, expert_mask)
-        self.last_index = index.detach()
-        out = self.experts(flat, index, gate)
-        if self.shared is not None:
-            out = out + self.shared(flat)
-        return out.reshape(x.shape)
+        if self.shared is not None and not torch.is_grad_enabled():
+            index, gate, base = self.route_and_shared(flat, top_k, expert_mask)
+        else:
+            index, gate = self.router(flat, top_k, expert_mask)
+            base = self.shared(flat) if self.shared is not None else None
+        self.last_index = index  # integer ids: nothing to detach
+        return self.experts(flat, index, gate, base).reshape(x.shape)
 
-    def experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """sum_j gate[:, j] * expert_{index[:, j]}(x) for x [N, D], index and gate [N, k]."""
+    def route_and_shared(self, x: torch.Tensor, top_k: int | None,
+                         expert_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference: the router logits and the shared expert's gate and up projections of x in one matmul
+        (they read the same input; see `input_projection`), then routing and the shared expert's output.
+        The same math as `self.router(x)` and `self.shared(x)` (GeGLU: down(gelu(gate) * up))."""
+        logits, shared_gate, shared_up = F.linear(x, self.input_projection()).split(
+            [self.num_experts, self.shared.gate_proj.out_features, self.shared.up_proj.out_features], dim=1)
+        index, gate = self.router.route(logits, top_k, expert_mask)
+        shared = F.linear(F.gelu(shared_gate) * shared_up, self.shared.down_proj.weight)
+        return index, gate, shared
+
+    def input_projection(self) -> torch.Tensor:
+        """[E + 2 Hs, D]: router weight, shared gate and shared up stacked. A cached copy for inference,
+        rebuilt when a source weight is replaced (identity), moved (storage pointer: `.to()` swaps
+        `.data`) or changed in place (version counter, bumped by optimiser steps, load_state_dict, copy_
+        and nn.init; in-place writes through `.data` bypass it and would need
+        `self._input_projection = None`)."""
+        sources = (self.router.proj.weight, self.shared.gate_proj.weight, self.shared.up_proj.weight)
+        versions = tuple((w._version, w.data_ptr()) for w in sources)
+        cached = self._input_projection
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], sources)):
+            with torch.no_grad():
+                cached = (sources, versions, torch.cat(sources))
+            self._input_projection = cached
+        return cached[2]
+
+    def experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+        """base + sum_j gate[:, j] * expert_{index[:, j]}(x) for x [N, D], index and gate [N, k]; base
+        (e.g. the shared expert's output, [N, D]) defaults to zeros and may be overwritten."""
         if self.dispatch == "padded" and index.numel():
-            return self.padded_experts(x, index, gate)
-        return self.grouped_experts(x, index, gate, fused=self.dispatch != "grouped")
+            out = self.padded_experts(x, index, gate)
+            return out if base is None else base + out
+        return self.grouped_experts(x, index, gate, fused=self.dispatch != "grouped", base=base)
 
     def grouped_experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor,
-                        fused: bool = True) -> torch.Tensor:
-        """Sort assignments by expert, grouped matmuls (gate|up fused or not, then down), scatter-add back."""
+                        fused: bool = True, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Sort assignments by expert, grouped matmuls (gate|up fused or not, then down), scatter-add back
+        onto `base` (in place; zeros when None: the shared expert's output saves a zero fill and an add)."""
         k = index.shape[1]
-        flat_expert = index.reshape(-1)
-        order = flat_expert.argsort(stable=True)
-        token = order // k
-        counts = expert_load(flat_expert, self.num_experts)
-        offsets = counts.cumsum(0).to(torch.int32)
-        routed = x[token]
+        sorted_expert, order = index.reshape(-1).sort(stable=True)
+        token = order.div(k, rounding_mode="floor")
+        offsets = group_ends(sorted_expert, self.num_experts)
+        routed = x.index_select(0, token)
         if fused:
-            gate_up = grouped_matmul(routed, self.w_gate_up, counts, offsets)
-            # gelu on a strided half is several times slower on CPU than a copy + contiguous gelu
-            gate_h, up_h = gate_up[:, : self.expert_hidden].contiguous(), gate_up[:, self.expert_hidden:]
+            hidden = gelu_times_up(grouped_matmul(routed, self.w_gate_up, offsets=offsets), self.expert_hidden)
         else:
-            gate_h = grouped_matmul(routed, self.w_gate, counts, offsets)
-            up_h = grouped_matmul(routed, self.w_up, counts, offsets)
-        hidden = F.gelu(gate_h) * up_h
-        out = grouped_matmul(hidden, self.w_down, counts, offsets) * gate.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token, out)
+            gate_h = grouped_matmul(routed, self.w_gate, offsets=offsets)
+            hidden = F.gelu(gate_h) * grouped_matmul(routed, self.w_up, offsets=offsets)
+        out = grouped_matmul(hidden, self.w_down, offsets=offsets) * gate.reshape(-1).index_select(0, order)[:, None]
+        return (x.new_zeros(x.shape) if base is None else base).index_add_(0, token, out)
 
     def padded_experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """One bmm per weight over a zero-padded [E, capacity, D] buffer; capacity = this call's busiest
-        expert, so no token is dropped. Assignment (t, j) to expert e takes the slot after the earlier
-        assignments to e; no sort and no scatter-add are needed."""
-        flat = index.reshape(-1)
-        capacity = int(expert_load(flat, self.num_experts).max())
-        earlier = F.one_hot(flat, self.num_experts).cumsum(0).gather(1, flat[:, None]).squeeze(1) - 1
-        slot = (flat * capacity + earlier).view(index.shape)  # [N, k], all distinct
-        buffer = x.new_zeros(self.num_experts * capacity, x.shape[1]).index_put((slot,), x.unsqueeze(1))
+        expert, so no token is dropped. After one sort by expert, assignment number r of expert e goes to
+        row e * capacity + r; each token's k results are gathered back and weighted by one small bmm."""
+        num_tokens, k = index.shape
+        sorted_expert, order = index.reshape(-1).sort(stable=True)
+        # rank within its expert's group = position - first position of that expert
+        rank = _group_ids(order.shape[0], x.device) - torch.searchsorted(sorted_expert, sorted_expert)
+        capacity = int(rank.max()) + 1
+        slot = rank.add_(sorted_expert, alpha=capacity)  # [N*k] rows of the buffer, all distinct
+        token = order.div(k, rounding_mode="floor")
+        buffer = x.new_zeros(self.num_experts * capacity, x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
         gate_up = torch.bmm(buffer.view(self.num_experts, capacity, -1), self.w_gate_up)
-        hidden = F.gelu(gate_up[..., : self.expert_hidden].contiguous()) * gate_up[..., self.expert_hidden:]
-        out = torch.bmm(hidden, self.w_down).view(-1, x.shape[1])[slot]  # [N, k, D]
-        return (out * gate.unsqueeze(-1)).sum(1)
+        out = torch.bmm(gelu_times_up(gate_up, self.expert_hidden), self.w_down).view(-1, x.shape[1])
+        slot_of_assignment = torch.empty_like(slot).index_copy_(0, order, slot)  # back to (token, j) order
+        routed = out.index_select(0, slot_of_assignment).view(num_tokens, k, -1)
+        return torch.bmm(gate.unsqueeze(1), routed).squeeze(1)  # sum_j gate[t, j] * routed[t, j]
 
     def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e alone on x [..., D] (reference path for tests and inspection)."""
