@@ -34,13 +34,13 @@ from ernielab.training.unified import UnifiedTrainConfig, VQTrainConfig, train_u
 OLD_DISPATCH = "MoE, full, old grouped dispatch (speed only)"
 
 
-def ensure_trained(out: Path, steps: int, progress: bool) -> None:
+def ensure_trained(out: Path, steps: int, progress: bool, coupled: bool = False) -> None:
     if not (out / "vq" / "vq.safetensors").is_file():
         train_vq(VQConfig.cpu(), VQTrainConfig(), out / "vq", progress=progress)
     for name, cfg, elastic in (("moe", UnifiedConfig.cpu(), True), ("dense", UnifiedConfig.cpu().dense_twin(), False)):
         if not (out / name / "model" / "model.safetensors").is_file():
-            train_unified(cfg, UnifiedTrainConfig(steps=steps, elastic=elastic), out / "vq", out / name,
-                          progress=progress)
+            run_cfg = UnifiedTrainConfig(steps=steps, elastic=elastic, elastic_coupled=coupled)
+            train_unified(cfg, run_cfg, out / "vq", out / name, progress=progress)
 
 
 def submodel_rows(cfg: UnifiedConfig) -> list[tuple[str, dict]]:
@@ -82,10 +82,12 @@ def main() -> None:
                          "('' = no such rows)")
     ap.add_argument("--select-n", type=int, default=64, help="val items per task in the selection set")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--elastic-coupled", action="store_true",
+                    help="train the MoE with coupled elastic draws (depth, experts and k shrink together)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    ensure_trained(args.out, args.steps, not args.no_progress)
+    ensure_trained(args.out, args.steps, not args.no_progress, args.elastic_coupled)
 
     moe, vq, _ = load_model(args.out / "moe" / "model")
     models, selections = {}, {}
@@ -186,7 +188,8 @@ def main() -> None:
                      f"{sel['seconds']:.0f} s; {chosen}.")
     table = "\n".join(lines)
     results["_selections"] = selections
-    results["_meta"] = {"settings": settings, "steps": args.steps, "speed_rounds": args.speed_rounds,
+    results["_meta"] = {"settings": settings, "steps": args.steps, "elastic_coupled": args.elastic_coupled,
+                        "speed_rounds": args.speed_rounds,
                         "speed_batches": args.speed_batches, "threads": args.threads, "speed_ratios": ratios,
                         "elapsed_s": time.time() - t0}
     (args.out / "table.md").write_text(table + "\n")

@@ -181,6 +181,18 @@ def test_elastic_sampling_proportions(vocab):
             assert 1 <= s.top_k < cfg.top_k
 
 
+def test_coupled_elastic_sampling_keeps_marginals_and_shrinks_together(vocab):
+    cfg = UnifiedConfig.tiny(text_vocab=vocab, num_layers=4)
+    gen = torch.Generator().manual_seed(0)
+    subs = [sample_submodel(cfg, gen, coupled=True) for _ in range(2000)]
+    shrunk = [(s.layers is not None, s.expert_masks is not None, s.top_k is not None) for s in subs]
+    rate = [sum(flags[i] for flags in shrunk) / len(subs) for i in range(3)]
+    assert abs(rate[0] - 0.25) < 0.04 and abs(rate[1] - 0.2) < 0.04 and abs(rate[2] - 0.2) < 0.04
+    # one draw decides all three: experts or k never shrink without depth, and always together
+    assert all(e == k and (d or not e) for d, e, k in shrunk)
+    assert abs(sum(all(flags) for flags in shrunk) / len(subs) - 0.2) < 0.04
+
+
 def test_loss_has_all_parts_and_decreases(vocab):
     model = make_model(vocab).train()
     codes = torch.randint(0, 16, (4, 4))

@@ -187,6 +187,7 @@ class UnifiedTrainConfig(Config):
     p_full_depth: float = 0.75
     p_all_experts: float = 0.8
     p_default_k: float = 0.8
+    elastic_coupled: bool = False  # one draw decides all three reductions (see sample_submodel)
     min_depth_fraction: float = 0.5
     min_expert_fraction: float = 0.5
     train_size: int = 20_000
@@ -243,7 +244,8 @@ def step_submodel(model_cfg: UnifiedConfig, cfg: UnifiedTrainConfig, step: int) 
     if not cfg.elastic:
         return SubModel()
     return sample_submodel(model_cfg, generator("unified-elastic", cfg.seed, step), cfg.p_full_depth,
-                           cfg.p_all_experts, cfg.p_default_k, cfg.min_depth_fraction, cfg.min_expert_fraction)
+                           cfg.p_all_experts, cfg.p_default_k, cfg.min_depth_fraction, cfg.min_expert_fraction,
+                           coupled=cfg.elastic_coupled)
 
 
 class LoadMeter:

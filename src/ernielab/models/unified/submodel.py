@@ -57,27 +57,36 @@ def describe_submodel(model: UnifiedTransformer, depth: int | None = None, num_e
 
 def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth: float = 0.75,
                     p_all_experts: float = 0.8, p_default_k: float = 0.8, min_depth_fraction: float = 0.5,
-                    min_expert_fraction: float = 0.5) -> SubModel:
+                    min_expert_fraction: float = 0.5, coupled: bool = False) -> SubModel:
     """One elastic-training draw (ERNIE 5.0 proportions by default): full depth with p_full_depth, else a
     random ordered subset of layers; all experts with p_all_experts, else a random subset per layer
-    (masked out of routing); the default top-k with p_default_k, else a uniformly smaller k."""
+    (masked out of routing); the default top-k with p_default_k, else a uniformly smaller k.
+
+    coupled: one uniform draw decides all three reductions. Each keeps its probability, but they come
+    together: with the defaults 20% of steps shrink depth, experts and k at once (independent draws: 1%),
+    so combined sub-models get trained, and the full model runs on 75% of steps (independent: 48%)."""
 
     def uniform() -> float:
         return float(torch.rand((), generator=generator))
+
+    shared = uniform() if coupled else None
+
+    def reduced(p_keep: float) -> bool:
+        return (uniform() if shared is None else shared) >= p_keep
 
     def randint(lo: int, hi: int) -> int:  # inclusive
         return int(torch.randint(lo, hi + 1, (), generator=generator))
 
     layers = None
     L = cfg.num_layers
-    if uniform() >= p_full_depth and L > 1:
+    if reduced(p_full_depth) and L > 1:
         depth = randint(max(1, math.ceil(min_depth_fraction * L)), L - 1)
         layers = tuple(sorted(torch.randperm(L, generator=generator)[:depth].tolist()))
     if cfg.is_dense:
         return SubModel(layers=layers)
     E, k = cfg.num_experts, cfg.top_k
     masks, kept = None, E
-    if uniform() >= p_all_experts:
+    if reduced(p_all_experts):
         kept = randint(max(k, math.ceil(min_expert_fraction * E)), E - 1) if E - 1 >= k else E
         masks = {}
         for i in layers or range(L):
@@ -85,7 +94,7 @@ def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth
             mask[torch.randperm(E, generator=generator)[:kept]] = True
             masks[i] = mask
     top_k = None
-    if uniform() >= p_default_k and k > 1:
+    if reduced(p_default_k) and k > 1:
         top_k = randint(1, k - 1)
     return SubModel(layers=layers, top_k=top_k, expert_masks=masks)
 
