@@ -90,6 +90,10 @@ def test_generate_caption_extract_eval(trained, tmp_path):
     assert report["image_alignment"]["n"] == 3 and report["submodel"]["layers"] == [0]
     assert set(report["routing"]) >= {"text", "image", "text_image_cosine"}
 
+    res = invoke("eval", tmp_path / "small", "--n-text", 8, "--n-caption", 4, "--per-kind", 0, "--no-speed")
+    assert res.exit_code == 0, res.output  # captions and text only, no image generation
+    assert last_json(res.output)["image_alignment"] is None and 0 <= last_json(res.output)["caption_accuracy"] <= 1
+
 
 def test_bad_input_gives_clear_errors(trained, tmp_path):
     model = trained / "run" / "model"

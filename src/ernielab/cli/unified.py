@@ -194,7 +194,8 @@ def extract_submodel(model_dir: Path = typer.Argument(..., help="the elastic sup
 def eval_(model_dir: Path = typer.Argument(..., help="a model folder"),
           n_text: int = typer.Option(500, help="held-out captions for text perplexity"),
           n_caption: int = typer.Option(200, help="held-out images to caption"),
-          per_kind: int = typer.Option(30, help="generated images per prompt kind (single/count/relation)"),
+          per_kind: int = typer.Option(30, min=0, help="generated images per prompt kind (single/count/relation); "
+                                                      "0 skips image alignment"),
           seed: int = typer.Option(0), guidance: float = typer.Option(3.0),
           temperature: float = typer.Option(1.0), sample_top_k: int = typer.Option(0),
           speed: bool = typer.Option(True, help="measure decoding tokens/s"),
@@ -215,7 +216,7 @@ def eval_(model_dir: Path = typer.Argument(..., help="a model folder"),
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
     summary = {"text_perplexity": report["text_perplexity"], "caption_accuracy": report["caption"]["accuracy"],
-               "image_alignment": report["image_alignment"]["all"], "params": report["params"]}
+               "image_alignment": (report["image_alignment"] or {}).get("all"), "params": report["params"]}
     if speed:
         summary["image_tokens_per_s"] = report["speed"]["image_tokens_per_s"]
     typer.echo(json.dumps(summary))

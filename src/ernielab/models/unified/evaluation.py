@@ -148,7 +148,10 @@ def evaluate(model: UnifiedTransformer, vq: VQTokenizer, sub: SubModel | None = 
     nll, count = text_nll(model, [tok.encode(c) for c in captions[:n_text]], sub)
     out = {"text_perplexity": float(np.exp(nll / max(1, count))),
            "caption": caption_accuracy(model, vq, tok, images[:n_caption], sub)}
-    out["image_alignment"], _, _ = image_alignment(model, vq, tok, per_kind, sub, seed, guidance, temperature, top_k)
+    out["image_alignment"] = None  # per_kind 0: no images generated (caption / text metrics only)
+    if per_kind > 0:
+        out["image_alignment"], _, _ = image_alignment(model, vq, tok, per_kind, sub, seed, guidance, temperature,
+                                                       top_k)
     if speed:
         out["speed"] = decoding_speed(model, vq, tok, images, sub)
     out["routing"] = routing_report(model, vq, tok, images[:64], captions[:64], sub)
