@@ -34,10 +34,11 @@ from ernielab.training.unified import UnifiedTrainConfig, VQTrainConfig, train_u
 OLD_DISPATCH = "MoE, full, old grouped dispatch (speed only)"
 
 
-def ensure_trained(out: Path, steps: int, progress: bool, coupled: bool = False) -> None:
+def ensure_trained(out: Path, steps: int, progress: bool, coupled: bool = False, nested: bool = False) -> None:
     if not (out / "vq" / "vq.safetensors").is_file():
         train_vq(VQConfig.cpu(), VQTrainConfig(), out / "vq", progress=progress)
-    for name, cfg, elastic in (("moe", UnifiedConfig.cpu(), True), ("dense", UnifiedConfig.cpu().dense_twin(), False)):
+    moe_cfg = UnifiedConfig.cpu(elastic_nested=nested)
+    for name, cfg, elastic in (("moe", moe_cfg, True), ("dense", UnifiedConfig.cpu().dense_twin(), False)):
         if not (out / name / "model" / "model.safetensors").is_file():
             run_cfg = UnifiedTrainConfig(steps=steps, elastic=elastic, elastic_coupled=coupled)
             train_unified(cfg, run_cfg, out / "vq", out / name, progress=progress)
@@ -84,10 +85,12 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--elastic-coupled", action="store_true",
                     help="train the MoE with coupled elastic draws (depth, experts and k shrink together)")
+    ap.add_argument("--elastic-nested", action="store_true",
+                    help="train the MoE with nested sub-models (evenly spaced layers, expert prefixes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    ensure_trained(args.out, args.steps, not args.no_progress, args.elastic_coupled)
+    ensure_trained(args.out, args.steps, not args.no_progress, args.elastic_coupled, args.elastic_nested)
 
     moe, vq, _ = load_model(args.out / "moe" / "model")
     models, selections = {}, {}
@@ -189,6 +192,7 @@ def main() -> None:
     table = "\n".join(lines)
     results["_selections"] = selections
     results["_meta"] = {"settings": settings, "steps": args.steps, "elastic_coupled": args.elastic_coupled,
+                        "elastic_nested": args.elastic_nested,
                         "speed_rounds": args.speed_rounds,
                         "speed_batches": args.speed_batches, "threads": args.threads, "speed_ratios": ratios,
                         "elapsed_s": time.time() - t0}

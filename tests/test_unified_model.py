@@ -193,6 +193,22 @@ def test_coupled_elastic_sampling_keeps_marginals_and_shrinks_together(vocab):
     assert abs(sum(all(flags) for flags in shrunk) / len(subs) - 0.2) < 0.04
 
 
+def test_nested_elastic_draws_are_the_cuts_extraction_makes(vocab):
+    cfg = UnifiedConfig.tiny(text_vocab=vocab, num_layers=4, elastic_nested=True)
+    model = UnifiedTransformer(cfg)
+    gen = torch.Generator().manual_seed(0)
+    subs = [sample_submodel(cfg, gen) for _ in range(400)]
+    assert abs(sum(s.layers is None for s in subs) / len(subs) - 0.75) < 0.07
+    drawn = [s for s in subs if s.layers is not None and s.expert_masks is not None]
+    assert drawn
+    for s in drawn:
+        kept = int(s.expert_masks[s.layers[0]].sum())
+        cut = describe_submodel(model, depth=len(s.layers), num_experts=kept)
+        assert s.layers == cut.layers and s.layers in {(0, 2, 3), (0, 3)}
+        for i in s.layers:  # experts 0..kept-1, whatever the training load
+            assert torch.equal(s.expert_masks[i], cut.expert_masks[i]) and bool(s.expert_masks[i][:kept].all())
+
+
 def test_loss_has_all_parts_and_decreases(vocab):
     model = make_model(vocab).train()
     codes = torch.randint(0, 16, (4, 4))

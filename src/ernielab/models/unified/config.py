@@ -63,6 +63,9 @@ class UnifiedConfig(Config):
     dense_hidden: int = 0
     # multi-token prediction: extra heads predicting text tokens t+2 .. t+1+mtp_heads
     mtp_heads: int = 2
+    # elastic sub-models are nested: a shallower model runs evenly spaced layers and a narrower one the
+    # first experts, in training and in extraction (else: random subsets in training, cuts by usage)
+    elastic_nested: bool = False
 
     def __post_init__(self):
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:

@@ -48,7 +48,7 @@ def describe_submodel(model: UnifiedTransformer, depth: int | None = None, num_e
         masks = {}
         for i in run:
             mask = torch.zeros(cfg.num_experts, dtype=torch.bool)
-            mask[experts_by_usage(model, i, num_experts)] = True
+            mask[slice(num_experts) if cfg.elastic_nested else experts_by_usage(model, i, num_experts)] = True
             masks[i] = mask
     if top_k is not None and not 1 <= top_k <= (num_experts or cfg.num_experts):
         raise ValueError(f"top_k must be in [1, {num_experts or cfg.num_experts}], got {top_k}")
@@ -64,7 +64,9 @@ def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth
 
     coupled: one uniform draw decides all three reductions. Each keeps its probability, but they come
     together: with the defaults 20% of steps shrink depth, experts and k at once (independent draws: 1%),
-    so combined sub-models get trained, and the full model runs on 75% of steps (independent: 48%)."""
+    so combined sub-models get trained, and the full model runs on 75% of steps (independent: 48%).
+    cfg.elastic_nested: the layers are evenly spaced and the experts a prefix, exactly the sub-models that
+    `describe_submodel` cuts from such a model."""
 
     def uniform() -> float:
         return float(torch.rand((), generator=generator))
@@ -81,7 +83,8 @@ def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth
     L = cfg.num_layers
     if reduced(p_full_depth) and L > 1:
         depth = randint(max(1, math.ceil(min_depth_fraction * L)), L - 1)
-        layers = tuple(sorted(torch.randperm(L, generator=generator)[:depth].tolist()))
+        layers = (evenly_spaced_layers(L, depth) if cfg.elastic_nested
+                  else tuple(sorted(torch.randperm(L, generator=generator)[:depth].tolist())))
     if cfg.is_dense:
         return SubModel(layers=layers)
     E, k = cfg.num_experts, cfg.top_k
@@ -91,7 +94,7 @@ def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth
         masks = {}
         for i in layers or range(L):
             mask = torch.zeros(E, dtype=torch.bool)
-            mask[torch.randperm(E, generator=generator)[:kept]] = True
+            mask[slice(kept) if cfg.elastic_nested else torch.randperm(E, generator=generator)[:kept]] = True
             masks[i] = mask
     top_k = None
     if reduced(p_default_k) and k > 1:
