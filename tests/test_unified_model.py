@@ -207,6 +207,9 @@ def test_nested_elastic_draws_are_the_cuts_extraction_makes(vocab):
         assert s.layers == cut.layers and s.layers in {(0, 2, 3), (0, 3)}
         for i in s.layers:  # experts 0..kept-1, whatever the training load
             assert torch.equal(s.expert_masks[i], cut.expert_masks[i]) and bool(s.expert_masks[i][:kept].all())
+    assert extract_submodel(model, cut).config.elastic_nested
+    other = {i: torch.arange(cfg.num_experts) % 2 == 1 for i in range(cfg.num_layers)}
+    assert not extract_submodel(model, SubModel(expert_masks=other)).config.elastic_nested
 
 
 def test_loss_has_all_parts_and_decreases(vocab):

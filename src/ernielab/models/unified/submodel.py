@@ -123,7 +123,11 @@ def extract_submodel(model: UnifiedTransformer, sub: SubModel) -> UnifiedTransfo
         counts = {int(m.sum()) for m in kept.values()}
         if len(counts) != 1:
             raise ValueError(f"every kept layer must keep the same number of experts, got {sorted(counts)}")
-        new_cfg = new_cfg.replace(num_experts=counts.pop(), top_k=sub.top_k or cfg.top_k)
+        num_kept = counts.pop()
+        # a cut that keeps other experts than a prefix is no longer nested: its own cuts go by usage
+        prefixes = all(bool(m[:num_kept].all()) for m in kept.values())
+        new_cfg = new_cfg.replace(num_experts=num_kept, top_k=sub.top_k or cfg.top_k,
+                                  elastic_nested=cfg.elastic_nested and prefixes)
     for i in layers:
         block = copy.deepcopy(model.blocks[i])
         if not cfg.is_dense:
