@@ -92,7 +92,8 @@ def test_generate_caption_extract_eval(trained, tmp_path):
 
     res = invoke("eval", tmp_path / "small", "--n-text", 8, "--n-caption", 4, "--per-kind", 0, "--no-speed")
     assert res.exit_code == 0, res.output  # captions and text only, no image generation
-    assert last_json(res.output)["image_alignment"] is None and 0 <= last_json(res.output)["caption_accuracy"] <= 1
+    summary = last_json(res.output)
+    assert summary["image_alignment"] is None and 0 <= summary["caption_accuracy"] <= 1
 
 
 def test_bad_input_gives_clear_errors(trained, tmp_path):
