@@ -34,13 +34,15 @@ from ernielab.training.unified import UnifiedTrainConfig, VQTrainConfig, train_u
 OLD_DISPATCH = "MoE, full, old grouped dispatch (speed only)"
 
 
-def ensure_trained(out: Path, steps: int, progress: bool, coupled: bool = False, nested: bool = False) -> None:
+def ensure_trained(out: Path, steps: int, progress: bool, coupled: bool = False, nested: bool = False,
+                   distill: float = 0.0) -> None:
     if not (out / "vq" / "vq.safetensors").is_file():
         train_vq(VQConfig.cpu(), VQTrainConfig(), out / "vq", progress=progress)
     moe_cfg = UnifiedConfig.cpu(elastic_nested=nested)
     for name, cfg, elastic in (("moe", moe_cfg, True), ("dense", UnifiedConfig.cpu().dense_twin(), False)):
         if not (out / name / "model" / "model.safetensors").is_file():
-            run_cfg = UnifiedTrainConfig(steps=steps, elastic=elastic, elastic_coupled=coupled)
+            run_cfg = UnifiedTrainConfig(steps=steps, elastic=elastic, elastic_coupled=coupled,
+                                         elastic_distill=distill if elastic else 0.0)
             train_unified(cfg, run_cfg, out / "vq", out / name, progress=progress)
 
 
@@ -59,8 +61,13 @@ def submodel_rows(cfg: UnifiedConfig) -> list[tuple[str, dict]]:
     ]
 
 
-def fmt(x: float, digits: int = 3) -> str:
-    return f"{x:.{digits}f}"
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def image_score(report: dict) -> float | None:
+    """The checker's "all" score, or None when image generation was skipped (--per-kind 0)."""
+    return (report.get("image_alignment") or {}).get("all")
 
 
 def main() -> None:
@@ -87,10 +94,14 @@ def main() -> None:
                     help="train the MoE with coupled elastic draws (depth, experts and k shrink together)")
     ap.add_argument("--elastic-nested", action="store_true",
                     help="train the MoE with nested sub-models (evenly spaced layers, expert prefixes)")
+    ap.add_argument("--elastic-distill", type=float, default=0.0,
+                    help="in-place distillation: weight of KL(full model || sub-model) on steps that train a "
+                         "smaller sub-model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    ensure_trained(args.out, args.steps, not args.no_progress, args.elastic_coupled, args.elastic_nested)
+    ensure_trained(args.out, args.steps, not args.no_progress, args.elastic_coupled, args.elastic_nested,
+                   args.elastic_distill)
 
     moe, vq, _ = load_model(args.out / "moe" / "model")
     models, selections = {}, {}
@@ -126,7 +137,7 @@ def main() -> None:
         report = evaluate(model, vq, speed=False, **settings)
         results[name] = {"spec": spec, "params": parameter_counts(model), **report}
         print(f"{name}: ppl {report['text_perplexity']:.3f} caption {report['caption']['accuracy']:.3f} "
-              f"image {report['image_alignment']['all']:.3f}", flush=True)
+              f"image {fmt(image_score(report))}", flush=True)
 
     tok = TextTokenizer(moe.config.text_vocab)
     images, _ = heldout(max(args.speed_batches), vq.config.image_size, seed=0)
@@ -159,7 +170,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {r['params']['active'] / 1e6:.3f}M ({r['params']['active'] / full['params']['active']:.0%})"
             f" | {r['params']['total'] / 1e6:.3f}M | {fmt(r['text_perplexity'])} | {fmt(r['caption']['accuracy'])}"
-            f" ({rel:.0%}) | {fmt(r['image_alignment']['all'])} | {speed['image_tokens_per_s']:.0f} | "
+            f" ({rel:.0%}) | {fmt(image_score(r))} | {speed['image_tokens_per_s']:.0f} | "
             f"{speed['text_tokens_per_s']:.0f} |")
     ratios = {}
     lines += ["", "| decoding batch | clock | MoE / dense, image tokens/s | MoE / dense, text tokens/s | "

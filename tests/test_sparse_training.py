@@ -37,6 +37,19 @@ def test_sar_term_vanishes_only_when_topologies_coincide():
     assert not torch.allclose(with_sar, model.head.fc2.weight.grad)  # the KL term reaches the weights
 
 
+def test_sar_dense_ce_averages_both_topologies_cross_entropy():
+    torch.manual_seed(0)
+    model = SparseClassifier(SparseClassifierConfig.tiny("hst", max_len=64, block_size=4)).eval()
+    tokens, labels = torch.randint(1, 16, (3, 64)), torch.tensor([1, 2, 3])
+    loss, parts = classification_loss(model, tokens, labels, sar_alpha=0.5, dense_ce=True)
+    dense = torch.nn.functional.cross_entropy(model(tokens, topology="dense"), labels).item()
+    assert abs(parts["dense_ce"] - dense) < 1e-5 and abs(parts["dense_ce"] - parts["ce"]) > 1e-4
+    torch.testing.assert_close(loss.item(), 0.5 * (parts["ce"] + dense) + 0.5 * parts["sar_kl"], rtol=1e-5, atol=1e-6)
+    assert "dense_ce" not in classification_loss(model, tokens, labels, sar_alpha=0.5)[1]
+    with pytest.raises(ValueError, match="sar_dense_ce"):
+        SparseClassifierConfig.tiny("hst", sar_dense_ce=True)
+
+
 def test_configs_roundtrip_and_validate(tmp_path):
     for name, make in PRESETS.items():
         for mode in ("dense", "bigbird", "hst"):

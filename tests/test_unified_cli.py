@@ -52,6 +52,18 @@ def test_resume_reproduces_uninterrupted_run(trained, tmp_path):
     assert res.exit_code == 2 and "different model config" in res.output
 
 
+def test_inplace_distillation_runs_on_the_shrunken_steps(trained, tmp_path):
+    res = invoke("train", "--run-dir", tmp_path / "kd", "--vq", trained / "vq", "--steps", 8, *TRAIN,
+                 "--elastic-coupled", "--elastic-distill", 1.0)
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert any("i2t_text_kd" in r for r in records) and all(r["i2t_text_kd"] >= 0 for r in records
+                                                            if "i2t_text_kd" in r)
+    res = invoke("train", "--run-dir", tmp_path / "bad", "--vq", trained / "vq", "--steps", 2, *TRAIN,
+                 "--elastic-distill", -1)
+    assert res.exit_code == 2 and "elastic_distill" in res.output
+
+
 def test_generate_caption_extract_eval(trained, tmp_path):
     model = trained / "run" / "model"
     res = invoke("generate-image", model, "a red circle to the left of a blue square", "-o", tmp_path / "a.png")

@@ -271,3 +271,31 @@ def test_expert_selection_drops_the_least_needed_expert(vocab):
         mask[e] = False
         scores.append(heldout_loss(model, batches, SubModel(layers=(0,), expert_masks={0: mask})))
     assert int((~masks[0]).nonzero()) == min(range(8), key=scores.__getitem__) == trace[0]["dropped_expert"]
+
+
+def test_inplace_distillation_teaches_the_submodel_the_full_models_predictions(vocab):
+    from ernielab.models.unified.model import full_model_logits
+    model = make_model(vocab).train()
+    codes = torch.randint(0, 16, (4, 4))
+    batch = collate([text_to_image_sequence([BOS, 9, 10, EOS], codes),
+                     image_to_text_sequence(codes, [BOS, 9, 10, 11, EOS])])
+    loads = [moe.router.pending_load.clone() for _, moe in model.moe_layers()]
+    teacher = full_model_logits(model, batch)
+    assert model.training and set(teacher) == {"text", "image"}
+    # the teacher pass leaves no expert load for the routing-bias update
+    assert all(torch.equal(a, moe.router.pending_load) for a, (_, moe) in zip(loads, model.moe_layers()))
+    # the full model taught by itself: zero KL; a sub-model differs, and distillation pulls it closer
+    _, parts = unified_loss(model, batch, None, teacher=teacher, distill_weight=1.0)
+    assert parts["text_kd"] < 1e-6 and parts["image_kd"] < 1e-6
+    sub = SubModel(layers=(0, 2), top_k=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    kds = []
+    for _ in range(15):  # a large weight: the KL dominates the labels' cross-entropy
+        loss, parts = unified_loss(model, batch, sub, mtp_weight=0.0, teacher=teacher, distill_weight=20.0)
+        kds.append(parts["text_kd"] + parts["image_kd"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert kds[0] > 1e-3 and kds[-1] < 0.5 * kds[0]
+    _, plain = unified_loss(model, batch, sub, teacher=teacher, distill_weight=0.0)
+    assert "text_kd" not in plain

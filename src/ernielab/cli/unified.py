@@ -63,6 +63,9 @@ def train(run_dir: Path = typer.Option(..., help="output folder; the final model
           preset_name: str = typer.Option("cpu", "--preset", help="tiny | cpu"),
           dense: bool = typer.Option(False, help="dense baseline: one GeGLU as wide as the active experts"),
           elastic: bool = typer.Option(True, help="sample elastic sub-models (MoE only)"),
+          elastic_coupled: bool = typer.Option(False, help="one draw shrinks depth, experts and k together"),
+          elastic_distill: float = typer.Option(0.0, help="in-place distillation: weight of KL(full model || "
+                                                "sub-model) on steps that train a smaller sub-model"),
           set_: list[str] = typer.Option([], "--set", help="model config override, e.g. --set num_layers=6"),
           steps: int = typer.Option(1000), t2i_batch: int = typer.Option(16), i2t_batch: int = typer.Option(16),
           text_batch: int = typer.Option(16), lr: float = typer.Option(3e-3),
@@ -80,7 +83,8 @@ def train(run_dir: Path = typer.Option(..., help="output folder; the final model
         model_cfg = model_cfg.dense_twin()
     cfg = UnifiedTrainConfig(steps=steps, t2i_batch=t2i_batch, i2t_batch=i2t_batch, text_batch=text_batch, lr=lr,
                              train_size=train_size, seed=seed, save_every=save_every,
-                             elastic=elastic and not dense)
+                             elastic=elastic and not dense, elastic_coupled=elastic_coupled,
+                             elastic_distill=elastic_distill if elastic and not dense else 0.0)
     typer.echo(json.dumps(train_unified(model_cfg, cfg, vq, run_dir, resume=resume, stop_after=stop_after)))
 
 

@@ -204,7 +204,7 @@ def train_classifier(
         idx = plan(step)
         tokens, labels = collate_sequences([train_ds[i] for i in idx])
         torch.manual_seed(derive_seed("dropout", train_cfg.seed, step))
-        loss, parts = classification_loss(model, tokens, labels, model_cfg.sar_alpha)
+        loss, parts = classification_loss(model, tokens, labels, model_cfg.sar_alpha, model_cfg.sar_dense_ce)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train_cfg.grad_clip > 0:

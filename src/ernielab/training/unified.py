@@ -23,7 +23,8 @@ from ..layers.moe import balance_stats, expert_load
 from ..models.unified.config import UnifiedConfig, VQConfig
 from ..models.unified.evaluation import caption_correct, heldout
 from ..models.unified.io import load_vq, save_model, save_vq
-from ..models.unified.model import IMAGE, IMAGE_START, TEXT, SubModel, UnifiedTransformer, unified_loss
+from ..models.unified.model import (IMAGE, IMAGE_START, TEXT, SubModel, UnifiedTransformer, full_model_logits,
+                                    unified_loss)
 from ..models.unified.sequences import collate, image_to_text_sequence, text_sequence, text_to_image_sequence
 from ..models.unified.submodel import sample_submodel, submodel_summary
 from ..models.unified.tokenizer import BOS, EOS, TextTokenizer, build_text_vocab
@@ -188,6 +189,9 @@ class UnifiedTrainConfig(Config):
     p_all_experts: float = 0.8
     p_default_k: float = 0.8
     elastic_coupled: bool = False  # one draw decides all three reductions (see sample_submodel)
+    # in-place distillation: on steps that train a smaller sub-model, add this weight times
+    # KL(full model || sub-model) to its loss; the full model's pass is extra forward work, no gradient
+    elastic_distill: float = 0.0
     min_depth_fraction: float = 0.5
     min_expert_fraction: float = 0.5
     train_size: int = 20_000
@@ -202,6 +206,8 @@ class UnifiedTrainConfig(Config):
             raise ValueError("steps must be >= 1 and batch sizes >= 0")
         if self.t2i_batch + self.i2t_batch + self.text_batch == 0:
             raise ValueError("at least one task needs a positive batch size")
+        if self.elastic_distill < 0:
+            raise ValueError(f"elastic_distill must be >= 0, got {self.elastic_distill}")
 
 
 class ShapesCorpus:
@@ -322,8 +328,10 @@ def train_unified(model_cfg: UnifiedConfig, cfg: UnifiedTrainConfig, vq_dir: str
         torch.manual_seed(derive_seed("unified-step", cfg.seed, step))
         sub = step_submodel(model_cfg, cfg, step)
         loss, parts = torch.zeros(()), {}
+        distill = cfg.elastic_distill > 0 and not sub.is_full()
         for task, batch in build_step_batches(corpus, cfg, step).items():
-            task_loss, task_parts = unified_loss(model, batch, sub, cfg.mtp_weight)
+            teacher = full_model_logits(model, batch) if distill else None
+            task_loss, task_parts = unified_loss(model, batch, sub, cfg.mtp_weight, teacher, cfg.elastic_distill)
             loss = loss + task_loss
             parts.update({f"{task}_{k}": v for k, v in task_parts.items()})
             if sub.expert_masks is None:

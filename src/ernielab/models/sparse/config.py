@@ -27,6 +27,9 @@ class SparseClassifierConfig(Config):
     num_global: int = 8  # HST representative tokens / BigBird global tokens
     num_random_blocks: int = 3  # BigBird only
     sar_alpha: float = 0.0  # HST only: weight of the symmetric KL between sparse and dense topologies
+    # SAR variant: the dense run also gets the task loss (the two cross-entropies are averaged), so the
+    # topology the sparse one is pulled towards is itself trained on the labels (R-Drop's form)
+    sar_dense_ce: bool = False
     seed: int = 0  # fixes BigBird's random block pattern
     # "learned": one trained vector per position. "sincos-2d": fixed sine/cosine codes of (row, column)
     # for row-major images `image_width` pixels wide, so every model starts knowing which pixels touch.
@@ -50,6 +53,8 @@ class SparseClassifierConfig(Config):
             raise ValueError(f"sar_alpha must be >= 0, got {self.sar_alpha}")
         if self.sar_alpha > 0 and self.attention != "hst":
             raise ValueError("SAR (sar_alpha > 0) regularises the HST topology; set attention='hst'")
+        if self.sar_dense_ce and self.sar_alpha <= 0:
+            raise ValueError("sar_dense_ce is a SAR variant: it needs sar_alpha > 0")
 
     @property
     def padded_len(self) -> int:

@@ -17,17 +17,25 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
 
 
 def classification_loss(
-    model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, sar_alpha: float = 0.0
+    model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, sar_alpha: float = 0.0,
+    dense_ce: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy of the sparse run, plus sar_alpha * symmetric KL(sparse, dense) when sar_alpha > 0.
 
-    Returns (loss, parts) where parts holds python floats for logging: ce, sar_kl (if used), accuracy.
+    dense_ce: the task loss is the mean of the sparse and the dense run's cross-entropies.
+    Returns (loss, parts) where parts holds python floats for logging: ce (sparse), sar_kl and dense_ce
+    (if used), accuracy (sparse).
     """
     logits = model(tokens, topology="sparse")
     ce = F.cross_entropy(logits.float(), labels)
     parts = {"ce": ce.item(), "accuracy": (logits.argmax(-1) == labels).float().mean().item()}
     if sar_alpha <= 0:
         return ce, parts
-    kl = symmetric_kl(logits, model(tokens, topology="dense"))
+    dense_logits = model(tokens, topology="dense")
+    kl = symmetric_kl(logits, dense_logits)
     parts["sar_kl"] = kl.item()
+    if dense_ce:
+        ce_dense = F.cross_entropy(dense_logits.float(), labels)
+        parts["dense_ce"] = ce_dense.item()
+        ce = 0.5 * (ce + ce_dense)
     return ce + sar_alpha * kl, parts

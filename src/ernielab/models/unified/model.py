@@ -187,17 +187,57 @@ class UnifiedTransformer(nn.Module):
         return {i: moe.last_index for i, moe in self.moe_layers() if i in ran and moe.last_index is not None}
 
 
+@torch.no_grad()
+def full_model_logits(model: UnifiedTransformer, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full model's text and image logits at the batch's targets: the teacher of in-place distillation.
+
+    Runs in eval mode so that the teacher pass leaves no expert load behind for the routing-bias update.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        h = model(batch["tokens"], batch["modality"], batch["cell"], batch["group"], batch["valid"])
+        out = {}
+        for name, head in (("text", model.text_logits), ("image", model.image_logits)):
+            sel = batch[f"{name}_target"] != IGNORE
+            if sel.any():
+                out[name] = head(h[sel]).float()
+        return out
+    finally:
+        model.train(was_training)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position, averaged."""
+    log_s, log_t = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
 def unified_loss(model: UnifiedTransformer, batch: dict[str, torch.Tensor], sub: SubModel | None = None,
-                 mtp_weight: float = 0.3) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cross-entropy over the text targets (+ MTP heads) and image targets of a collated batch."""
+                 mtp_weight: float = 0.3, teacher: dict[str, torch.Tensor] | None = None,
+                 distill_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy over the text targets (+ MTP heads) and image targets of a collated batch.
+
+    teacher (from `full_model_logits`): adds distill_weight * KL(teacher || this model) on the text and image
+    targets, so that a sub-model learns the full model's predictions as well as the labels.
+    """
     h = model(batch["tokens"], batch["modality"], batch["cell"], batch["group"], batch["valid"], sub)
     parts: dict[str, float] = {}
     loss = h.new_zeros(())
     text_t, image_t = batch["text_target"], batch["image_target"]
+
+    def distill(name: str, logits: torch.Tensor) -> torch.Tensor:
+        if not teacher or name not in teacher or distill_weight <= 0:
+            return logits.new_zeros(())
+        kl = distillation_kl(logits, teacher[name])
+        parts[f"{name}_kd"] = kl.item()
+        return distill_weight * kl
+
     if (text_t != IGNORE).any():
         sel = text_t != IGNORE
-        text_loss = F.cross_entropy(model.text_logits(h[sel]).float(), text_t[sel])
-        loss = loss + text_loss
+        text_logits = model.text_logits(h[sel]).float()
+        text_loss = F.cross_entropy(text_logits, text_t[sel])
+        loss = loss + text_loss + distill("text", text_logits)
         parts["text"] = text_loss.item()
         for depth in range(1, len(model.mtp) + 1 if mtp_weight else 1):  # weight 0: skip the heads
             shifted = torch.full_like(text_t, IGNORE)
@@ -210,8 +250,9 @@ def unified_loss(model: UnifiedTransformer, batch: dict[str, torch.Tensor], sub:
                 parts[f"mtp{depth}"] = mtp_loss.item()
     if (image_t != IGNORE).any():
         sel = image_t != IGNORE
-        image_loss = F.cross_entropy(model.image_logits(h[sel]).float(), image_t[sel])
-        loss = loss + image_loss
+        image_logits = model.image_logits(h[sel]).float()
+        image_loss = F.cross_entropy(image_logits, image_t[sel])
+        loss = loss + image_loss + distill("image", image_logits)
         parts["image"] = image_loss.item()
     return loss, parts
 
