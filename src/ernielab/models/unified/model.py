@@ -187,6 +187,18 @@ class UnifiedTransformer(nn.Module):
         return {i: moe.last_index for i, moe in self.moe_layers() if i in ran and moe.last_index is not None}
 
 
+def target_logits(model: UnifiedTransformer, h: torch.Tensor,
+                  batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"text" / "image": (head logits in float32, targets)} at the batch's target positions of each kind."""
+    out = {}
+    for name, head in (("text", model.text_logits), ("image", model.image_logits)):
+        target = batch[f"{name}_target"]
+        sel = target != IGNORE
+        if sel.any():
+            out[name] = (head(h[sel]).float(), target[sel])
+    return out
+
+
 @torch.no_grad()
 def full_model_logits(model: UnifiedTransformer, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full model's text and image logits at the batch's targets: the teacher of in-place distillation.
@@ -197,12 +209,7 @@ def full_model_logits(model: UnifiedTransformer, batch: dict[str, torch.Tensor])
     model.eval()
     try:
         h = model(batch["tokens"], batch["modality"], batch["cell"], batch["group"], batch["valid"])
-        out = {}
-        for name, head in (("text", model.text_logits), ("image", model.image_logits)):
-            sel = batch[f"{name}_target"] != IGNORE
-            if sel.any():
-                out[name] = head(h[sel]).float()
-        return out
+        return {name: logits for name, (logits, _) in target_logits(model, h, batch).items()}
     finally:
         model.train(was_training)
 
@@ -224,37 +231,34 @@ def unified_loss(model: UnifiedTransformer, batch: dict[str, torch.Tensor], sub:
     h = model(batch["tokens"], batch["modality"], batch["cell"], batch["group"], batch["valid"], sub)
     parts: dict[str, float] = {}
     loss = h.new_zeros(())
-    text_t, image_t = batch["text_target"], batch["image_target"]
-
-    def distill(name: str, logits: torch.Tensor) -> torch.Tensor:
-        if not teacher or name not in teacher or distill_weight <= 0:
-            return logits.new_zeros(())
-        kl = distillation_kl(logits, teacher[name])
-        parts[f"{name}_kd"] = kl.item()
-        return distill_weight * kl
-
-    if (text_t != IGNORE).any():
-        sel = text_t != IGNORE
-        text_logits = model.text_logits(h[sel]).float()
-        text_loss = F.cross_entropy(text_logits, text_t[sel])
-        loss = loss + text_loss + distill("text", text_logits)
-        parts["text"] = text_loss.item()
-        for depth in range(1, len(model.mtp) + 1 if mtp_weight else 1):  # weight 0: skip the heads
-            shifted = torch.full_like(text_t, IGNORE)
-            shifted[:, :-depth] = text_t[:, depth:]
-            shifted[~sel] = IGNORE
-            msel = shifted != IGNORE
-            if msel.any():
-                mtp_loss = F.cross_entropy(model.mtp_logits(h[msel], depth).float(), shifted[msel])
-                loss = loss + mtp_weight * mtp_loss
-                parts[f"mtp{depth}"] = mtp_loss.item()
-    if (image_t != IGNORE).any():
-        sel = image_t != IGNORE
-        image_logits = model.image_logits(h[sel]).float()
-        image_loss = F.cross_entropy(image_logits, image_t[sel])
-        loss = loss + image_loss + distill("image", image_logits)
-        parts["image"] = image_loss.item()
+    for name, (logits, target) in target_logits(model, h, batch).items():
+        task_loss = F.cross_entropy(logits, target)
+        loss = loss + task_loss
+        parts[name] = task_loss.item()
+        if teacher and name in teacher and distill_weight > 0:
+            kl = distillation_kl(logits, teacher[name])
+            loss = loss + distill_weight * kl
+            parts[f"{name}_kd"] = kl.item()
+        if name == "text":
+            loss = loss + mtp_loss(model, h, batch["text_target"], mtp_weight, parts)
     return loss, parts
+
+
+def mtp_loss(model: UnifiedTransformer, h: torch.Tensor, text_t: torch.Tensor, mtp_weight: float,
+             parts: dict[str, float]) -> torch.Tensor:
+    """mtp_weight x the multi-token heads' cross-entropies (head d predicts the text token d+1 ahead)."""
+    loss = h.new_zeros(())
+    sel = text_t != IGNORE
+    for depth in range(1, len(model.mtp) + 1 if mtp_weight else 1):  # weight 0: skip the heads
+        shifted = torch.full_like(text_t, IGNORE)
+        shifted[:, :-depth] = text_t[:, depth:]
+        shifted[~sel] = IGNORE
+        msel = shifted != IGNORE
+        if msel.any():
+            head_loss = F.cross_entropy(model.mtp_logits(h[msel], depth).float(), shifted[msel])
+            loss = loss + mtp_weight * head_loss
+            parts[f"mtp{depth}"] = head_loss.item()
+    return loss
 
 
 def parameter_counts(model: UnifiedTransformer) -> dict[str, int]:
