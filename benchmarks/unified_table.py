@@ -35,14 +35,14 @@ OLD_DISPATCH = "MoE, full, old grouped dispatch (speed only)"
 
 
 def ensure_trained(out: Path, steps: int, progress: bool, coupled: bool = False, nested: bool = False,
-                   distill: float = 0.0) -> None:
+                   distill: float = 0.0, seed: int = 0) -> None:
     if not (out / "vq" / "vq.safetensors").is_file():
         train_vq(VQConfig.cpu(), VQTrainConfig(), out / "vq", progress=progress)
     moe_cfg = UnifiedConfig.cpu(elastic_nested=nested)
     for name, cfg, elastic in (("moe", moe_cfg, True), ("dense", UnifiedConfig.cpu().dense_twin(), False)):
         if not (out / name / "model" / "model.safetensors").is_file():
             run_cfg = UnifiedTrainConfig(steps=steps, elastic=elastic, elastic_coupled=coupled,
-                                         elastic_distill=distill if elastic else 0.0)
+                                         elastic_distill=distill if elastic else 0.0, seed=seed)
             train_unified(cfg, run_cfg, out / "vq", out / name, progress=progress)
 
 
@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--speed-batches", type=lambda v: [int(b) for b in v.split(",")], default=[8, 32],
                     help="decoding batch sizes for tokens/s (comma-separated); the table shows the first")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed of the MoE and dense runs (weights, batches, elastic draws)")
     ap.add_argument("--select-tasks", default="t2i,i2t,text;i2t",
                     type=lambda v: [tuple(t.split(",")) for t in v.split(";") if t],
                     help="val-selected rows: ';'-separated task lists whose summed loss picks layers / experts "
@@ -101,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     ensure_trained(args.out, args.steps, not args.no_progress, args.elastic_coupled, args.elastic_nested,
-                   args.elastic_distill)
+                   args.elastic_distill, args.seed)
 
     moe, vq, _ = load_model(args.out / "moe" / "model")
     models, selections = {}, {}
@@ -202,8 +204,9 @@ def main() -> None:
                      f"{sel['seconds']:.0f} s; {chosen}.")
     table = "\n".join(lines)
     results["_selections"] = selections
-    results["_meta"] = {"settings": settings, "steps": args.steps, "elastic_coupled": args.elastic_coupled,
-                        "elastic_nested": args.elastic_nested,
+    results["_meta"] = {"settings": settings, "steps": args.steps, "seed": args.seed,
+                        "elastic_coupled": args.elastic_coupled,
+                        "elastic_nested": args.elastic_nested, "elastic_distill": args.elastic_distill,
                         "speed_rounds": args.speed_rounds,
                         "speed_batches": args.speed_batches, "threads": args.threads, "speed_ratios": ratios,
                         "elapsed_s": time.time() - t0}

@@ -112,6 +112,23 @@ def test_training_resumes_exactly(listops_dir, tmp_path):
         train_classifier(model_cfg, cfg, train, val, run, resume=False, progress=False)
 
 
+def test_best_validation_checkpoint_is_kept(listops_dir, tmp_path):
+    train, val = load_listops(listops_dir, "train", 32), load_listops(listops_dir, "val", 32)
+    model_cfg = SparseClassifierConfig.tiny("hst", max_len=32)
+    cfg = SparseTrainConfig(steps=12, batch_size=8, lr=3e-3, warmup_steps=1, eval_every=2, save_every=4)
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="best-validation checkpoint"):
+        load_trained(run, best=True)
+    train_classifier(model_cfg, cfg, train, val, run, progress=False, stop_at=6)
+    train_classifier(model_cfg, cfg, train, val, run, progress=False)  # the best so far survives the resume
+    vals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "val"]
+    top = max(r["accuracy"] for r in vals)
+    model, _, step = load_trained(run, best=True)
+    assert step == next(r["step"] for r in vals if r["accuracy"] == top)  # the earliest of equal scores
+    assert evaluate(model, val)["accuracy"] == top
+    assert len(list((run / "best" / "checkpoints").iterdir())) == 1
+
+
 def test_training_fits_a_small_set(listops_dir, tmp_path):
     train = load_listops(listops_dir, "train", 32)
     train.sequences, train.labels = train.sequences[:16], train.labels[:16]

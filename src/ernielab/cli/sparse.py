@@ -114,6 +114,7 @@ def eval_(run_dir: Path = typer.Option(..., help="a folder written by `train`"),
           split: str = typer.Option("test", help="train | val | test (from the training data folder)"),
           file: Optional[Path] = typer.Option(None, help="evaluate this split file instead"),
           topology: str = typer.Option("sparse", help="sparse (inference) | dense (same weights, full attention)"),
+          best: bool = typer.Option(False, help="the checkpoint of the best validation accuracy, not the last"),
           batch_size: int = typer.Option(64),
           threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)")):
     """Accuracy and loss of a trained run on a split or a file."""
@@ -125,10 +126,10 @@ def eval_(run_dir: Path = typer.Option(..., help="a folder written by `train`"),
     if not task_path.is_file():
         raise FileNotFoundError(f"{task_path} not found: is {run_dir} a finished `train` run?")
     info = json.loads(task_path.read_text())
-    model, cfg, step = load_trained(run_dir)
+    model, cfg, step = load_trained(run_dir, best=best)
     ds, _ = load_task(info["task"], file or info["data"], split, cfg.max_len, info.get("labels"))
     if ds.num_classes != cfg.num_classes:
         raise ValueError(f"data has {ds.num_classes} classes, the model {cfg.num_classes}")
     metrics = evaluate(model, ds, batch_size, topology=topology, progress=True)
-    typer.echo(json.dumps({"run_dir": str(run_dir), "step": step, "split": str(file or split),
-                           "topology": topology, **metrics}))
+    typer.echo(json.dumps({"run_dir": str(run_dir), "step": step, "checkpoint": "best" if best else "last",
+                           "split": str(file or split), "topology": topology, **metrics}))

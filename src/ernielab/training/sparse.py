@@ -24,6 +24,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog
 from .schedules import lr_factor
 
+BEST_DIR = "best"  # run_dir/best: the checkpoint of the highest validation accuracy so far
+
 # fields that may change between a run and its resumption without changing what is learned so far
 RESUME_FREE_FIELDS = ("steps", "eval_every", "eval_batch_size", "eval_max_batches", "log_every", "save_every",
                       "keep_checkpoints")
@@ -152,6 +154,12 @@ def restore(run_dir: Path, model, optimizer, scheduler, model_cfg, train_cfg) ->
     return ckpt["step"]
 
 
+def best_val_accuracy(run_dir: Path) -> float:
+    """Validation accuracy of the run's best checkpoint so far (-1 when none was kept yet)."""
+    path = latest_checkpoint(run_dir / BEST_DIR)
+    return load_checkpoint(path)["config"]["val_accuracy"] if path else -1.0
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only; norms, biases, embeddings' position table and prefix tokens are left alone."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in ("pos_emb", "prefix")]
@@ -195,6 +203,7 @@ def train_classifier(
         tqdm.write(f"resumed {run_dir} at step {start}")
 
     plan = BatchPlan([len(seq) for seq in train_ds.sequences], train_cfg.batch_size, train_cfg.seed)
+    best_val = best_val_accuracy(run_dir)
     model.train()
     t0, window = time.time(), []
     result: dict[str, Any] = {"step": start}
@@ -224,6 +233,11 @@ def train_classifier(
             metrics = evaluate(model, val_ds, train_cfg.eval_batch_size, max_batches=train_cfg.eval_max_batches)
             log.write({"step": done, "split": "val", **metrics})
             result["val"] = metrics
+            if metrics["accuracy"] > best_val:  # the earliest step wins a tie
+                best_val = metrics["accuracy"]
+                save_checkpoint(run_dir / BEST_DIR, done, model.state_dict(), None, optimizer, scheduler,
+                                {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+                                 "val_accuracy": best_val}, keep=1)
         if done % train_cfg.save_every == 0 or done in (train_cfg.steps, last):
             save_checkpoint(run_dir, done, model.state_dict(), None, optimizer, scheduler,
                             {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
@@ -234,12 +248,14 @@ def train_classifier(
     return result
 
 
-def load_trained(run_dir: str | Path) -> tuple[SparseClassifier, SparseClassifierConfig, int]:
-    """(model in eval mode, its config, step) from the latest checkpoint of a run directory."""
+def load_trained(run_dir: str | Path, best: bool = False) -> tuple[SparseClassifier, SparseClassifierConfig, int]:
+    """(model in eval mode, its config, step) from the latest checkpoint of a run directory, or with
+    best=True from the checkpoint of its highest validation accuracy."""
     run_dir = Path(run_dir)
-    path = latest_checkpoint(run_dir)
+    path = latest_checkpoint(run_dir / BEST_DIR if best else run_dir)
     if path is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir} (train first, or check the path)")
+        what = "best-validation checkpoint" if best else "checkpoint"
+        raise FileNotFoundError(f"no {what} under {run_dir} (train first, or check the path)")
     ckpt = load_checkpoint(path)
     if "model" not in ckpt["config"]:
         raise ValueError(f"{path} is not a sparse-classifier checkpoint (no model config saved)")
