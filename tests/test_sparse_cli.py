@@ -37,6 +37,12 @@ def test_listops_generate_train_eval_resume(tmp_path):
     assert metrics["step"] == 4 and metrics["count"] == 8 and 0 <= metrics["accuracy"] <= 1
     res = invoke("eval", "--run-dir", run, "--topology", "dense")
     assert res.exit_code == 0 and last_json(res.output)["topology"] == "dense"
+    best_val = max(r["accuracy"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                   if r.get("split") == "val")
+    res = invoke("eval", "--run-dir", run, "--split", "val", "--best")
+    assert res.exit_code == 0, res.output
+    best = last_json(res.output)
+    assert best["checkpoint"] == "best" and best["step"] in (2, 4) and best["accuracy"] == best_val
     res = invoke(*common, "--steps", 4, "--set", "dim=64")  # same folder, other model: refused
     assert res.exit_code == 2 and "different model config" in res.output
 
