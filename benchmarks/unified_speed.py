@@ -4,12 +4,13 @@ Every (model, dispatch) variant is measured once per round, round-robin, so that
 processes hits all variants alike. Two summaries, each for wall-clock and for CPU time of the decoding
 thread: the best round of every variant (as in earlier rounds), and the median over rounds of the
 variant / dense ratio *within* a round (steadier when another process comes and goes on the core).
-"grouped" is the old dispatch (three grouped_mm), "fused" the default (gate|up fused, two grouped_mm),
-"padded" one bmm per weight over a zero-padded buffer (see layers/moe.py).
+"auto" is the default (the fused C kernel for small inference calls, layers/moe_kernel.py), "fused" the
+torch dispatch (gate|up fused, two grouped_mm), "grouped" the older one (three grouped_mm), "padded" one bmm
+per weight over a zero-padded buffer (see layers/moe.py).
 
     OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python benchmarks/unified_speed.py \\
-        --moe runs/unified_3k/moe/model --dense runs/unified_3k/dense/model --dispatch fused \\
-        --rounds 7 --out runs/unified_3k/speed_after_profile.json
+        --moe runs/unified_3k/moe/model --dense runs/unified_3k/dense/model --dispatch fused,auto \\
+        --rounds 7 --out runs/unified_3k/speed_kernel.json
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moe", type=Path, nargs="+", required=True, help="MoE model folders (full, sub-models)")
     ap.add_argument("--dense", type=Path, required=True)
-    ap.add_argument("--dispatch", type=lambda v: v.split(","), default=["grouped", "fused"])
+    ap.add_argument("--dispatch", type=lambda v: v.split(","), default=["fused", "auto"])
     ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[8, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)

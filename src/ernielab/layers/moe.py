@@ -12,6 +12,13 @@ Routing (DeepSeek-V3 / ERNIE 5.0 style):
 
 Dispatch (exact implementations of the same sparse computation, chosen by `MoEFeedForward.dispatch`;
 none has a Python loop over tokens and none evaluates an expert on tokens not routed to it):
+- "auto" (default): "kernel" where it applies (inference, float32 on CPU, the kernel built, and one torch
+  thread or at most `KERNEL_MAX_ASSIGNMENTS` assignments, since the kernel runs on one thread), else
+  "fused". Training always takes "fused".
+- "kernel": the fused C kernel of `moe_kernel.py` (kernels/moe_experts.c): counting sort by expert,
+  then per expert and block of its tokens the gate|up product, gelu * up, the down product and the
+  gate-weighted add into the output, in one call. It replaces about ten torch ops and the per-expert
+  matmuls inside CPU grouped_mm, whose fixed costs dominate decoding (docs/unified.md).
 - "fused" (default): the (token, expert) assignments are sorted by expert, tokens gathered into one
   contiguous [N*k, D] block, and each expert's slice multiplied by its own weights with grouped matmuls
   (`torch.nn.functional.grouped_mm`, a loop over experts where it is missing); the weighted results are
@@ -49,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import moe_kernel
 from .mlp import GeGLU
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -70,6 +78,10 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor |
     parts = [chunk @ weight[e] for e, chunk in enumerate(x.split(counts.tolist())) if chunk.shape[0]]
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[-1])
 
+
+# "auto" dispatch: above this many (token, expert) assignments with several torch threads, the threaded
+# torch path is left to do the work (the C kernel is single-threaded)
+KERNEL_MAX_ASSIGNMENTS = 1024
 
 # gelu of a strided half costs less than copy + contiguous gelu up to about this many rows on CPU, and
 # about 15% more from 4096 rows (measured, docs/unified.md); both give the same values
@@ -181,10 +193,10 @@ class MoEFeedForward(nn.Module):
     `w_up` are views of its halves), down as w_down [E, H, D].
     """
 
-    DISPATCH_MODES = ("fused", "grouped", "padded")
+    DISPATCH_MODES = ("auto", "kernel", "fused", "grouped", "padded")
 
     def __init__(self, dim: int, num_experts: int, expert_hidden: int, top_k: int, shared_hidden: int = 0,
-                 balance_rate: float = 1e-2, dispatch: str = "fused"):
+                 balance_rate: float = 1e-2, dispatch: str = "auto"):
         super().__init__()
         self.num_experts, self.expert_hidden = num_experts, expert_hidden
         self.dispatch = dispatch  # a speed choice only: every mode computes the same outputs
@@ -267,10 +279,28 @@ class MoEFeedForward(nn.Module):
                 base: torch.Tensor | None = None) -> torch.Tensor:
         """base + sum_j gate[:, j] * expert_{index[:, j]}(x) for x [N, D], index and gate [N, k]; base
         (e.g. the shared expert's output, [N, D]) defaults to zeros and may be overwritten."""
-        if self.dispatch == "padded" and index.numel():
+        mode = self.resolved_dispatch(index.numel(), x)
+        if mode == "kernel":
+            out = x.new_zeros(x.shape) if base is None else base
+            return moe_kernel.routed_experts(x, index, gate, self.w_gate_up, self.w_down, out)
+        if mode == "padded" and index.numel():
             out = self.padded_experts(x, index, gate)
             return out if base is None else base + out
-        return self.grouped_experts(x, index, gate, fused=self.dispatch != "grouped", base=base)
+        return self.grouped_experts(x, index, gate, fused=mode != "grouped", base=base)
+
+    def resolved_dispatch(self, assignments: int, x: torch.Tensor) -> str:
+        """The mode a call of `assignments` (token, expert) pairs on x runs: resolves "auto", and checks
+        that a requested "kernel" can run."""
+        if self.dispatch not in ("auto", "kernel"):
+            return self.dispatch
+        usable = moe_kernel.supports(x, self.w_gate_up, self.w_down) and moe_kernel.load() is not None
+        if self.dispatch == "kernel":
+            if not usable:
+                raise RuntimeError("dispatch 'kernel' needs inference (no autograd), float32 on CPU and a built "
+                                   "kernel (a C compiler; ERNIELAB_NO_KERNELS unset)")
+            return "kernel"
+        small = assignments <= KERNEL_MAX_ASSIGNMENTS or torch.get_num_threads() == 1
+        return "kernel" if usable and small else "fused"
 
     def grouped_experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor,
                         fused: bool = True, base: torch.Tensor | None = None) -> torch.Tensor:
