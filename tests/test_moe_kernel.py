@@ -58,6 +58,15 @@ def test_kernel_rejects_bad_input_and_leaves_out_untouched():
     with pytest.raises(ValueError, match="outside"):
         moe_kernel.routed_experts(x, bad, torch.full((3, 2), 0.5), moe.w_gate_up, moe.w_down, out)
     assert torch.equal(out, before)
+    good = bad.clamp_max(3)
+    with pytest.raises(ValueError, match="shape mismatch"):  # one gate per token instead of one per assignment
+        moe_kernel.routed_experts(x, good, torch.ones(3, 1), moe.w_gate_up, moe.w_down, out)
+    expected = moe.grouped_experts(x, good, torch.full((3, 2), 0.5), base=torch.zeros(3, 16))
+    got = moe_kernel.routed_experts(x, good.int(), torch.full((3, 2), 0.5), moe.w_gate_up, moe.w_down,
+                                    torch.zeros(3, 16))  # int32 ids are widened, not misread
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    empty = moe_kernel.routed_experts(x[:0], good[:0], torch.ones(0, 2), moe.w_gate_up, moe.w_down, torch.zeros(0, 16))
+    assert empty.shape == (0, 16)
     with pytest.raises(ValueError, match="shape mismatch"):
         moe_kernel.routed_experts(torch.randn(3, 12), bad.clamp_max(3), torch.ones(3, 2), moe.w_gate_up,
                                   moe.w_down, torch.zeros(3, 12))

@@ -86,12 +86,13 @@ def routed_experts(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor, w_g
     in place; x [N, D], index and gate [N, k]. Call only when `load()` and `supports(...)` hold."""
     fn = load()
     num_experts, dim, two_h = w_gate_up.shape
-    if x.shape[-1] != dim or w_down.shape != (num_experts, two_h // 2, dim) or out.shape != x.shape:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)}, "
-                         f"w_down {tuple(w_down.shape)}, out {tuple(out.shape)}")
+    if (x.dim() != 2 or x.shape[1] != dim or w_down.shape != (num_experts, two_h // 2, dim) or out.shape != x.shape
+            or index.dim() != 2 or index.shape[0] != x.shape[0] or gate.shape != index.shape):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, index {tuple(index.shape)}, gate {tuple(gate.shape)}, "
+                         f"w_gate_up {tuple(w_gate_up.shape)}, w_down {tuple(w_down.shape)}, out {tuple(out.shape)}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous: the kernel adds into its storage")
-    x, index = x.contiguous(), index.contiguous()
+    x, index = x.contiguous(), index.to(torch.int64).contiguous()  # the kernel reads int64 ids
     gate, w_gate_up, w_down = gate.float().contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     status = fn(x.data_ptr(), x.shape[0], dim, index.data_ptr(), gate.data_ptr(), index.shape[1],
                 w_gate_up.data_ptr(), w_down.data_ptr(), num_experts, two_h // 2, out.data_ptr())
