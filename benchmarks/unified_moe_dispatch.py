@@ -1,9 +1,10 @@
 """Micro-benchmark of the MoE feed-forward dispatch modes against a dense GeGLU of the same active width.
 
 Variants: "original" = the dispatch before this change (three grouped_mm over separate contiguous gate,
-up and down weights; reproduced here), and the modes of layers/moe.py: "fused" = the new default
+up and down weights; reproduced here), and the modes of layers/moe.py: "fused" = the torch dispatch
 (gate|up fused: two grouped_mm), "grouped" = three grouped_mm over strided halves of the fused weight,
-"padded" = one bmm per weight over a zero-padded [experts, capacity, dim] buffer.
+"padded" = one bmm per weight over a zero-padded [experts, capacity, dim] buffer, "kernel" = the fused C
+kernel (layers/moe_kernel.py), "auto" = the default (the kernel here: inference, float32, CPU).
 
 One layer of the docs/unified.md CPU model (dim 128, 16 GeGLU(64) experts, top-4, shared GeGLU(64)) and
 the dense GeGLU(320) of the same active width, at several tokens per call. With --model the layer is a
@@ -113,7 +114,7 @@ def main() -> None:
             counts = torch.bincount(index.reshape(-1), minlength=moe.num_experts)
             moe.dispatch = "grouped"
             reference = moe.experts(x, index, gate)
-            for mode in ("fused", "padded"):
+            for mode in ("fused", "padded", "kernel"):
                 moe.dispatch = mode
                 torch.testing.assert_close(moe.experts(x, index, gate), reference, atol=1e-4, rtol=1e-4)
             variants = {}
@@ -137,15 +138,15 @@ def main() -> None:
                    "padding": int(counts.max()) * used / index.numel(), **{k: v * 1e6 for k, v in best.items()}}
             rows.append(row)
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    lines = ["| tokens per call | routed experts (µs): original / new fused / padded bmm (padded rows per "
-             "assignment) | new / original | whole MoE layer (µs): original / new | dense GeGLU (µs) | "
-             "layer original / dense | layer new / dense |", "|---|---|---|---|---|---|---|"]
+    lines = ["| tokens per call | routed experts (µs): original / fused / padded bmm (padded rows per "
+             "assignment) / C kernel | whole MoE layer (µs): original / fused / auto | dense GeGLU (µs) | "
+             "layer / dense: original / fused / auto |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tokens']} | {r['experts_original']:.0f} / {r['experts_fused']:.0f} / "
-                     f"{r['experts_padded']:.0f} ({r['padding']:.2f}) | "
-                     f"{r['experts_fused'] / r['experts_original']:.2f} | {r['layer_original']:.0f} / "
-                     f"{r['layer_fused']:.0f} | {r['dense_geglu']:.0f} | "
-                     f"{r['layer_original'] / r['dense_geglu']:.2f}x | {r['layer_fused'] / r['dense_geglu']:.2f}x |")
+                     f"{r['experts_padded']:.0f} ({r['padding']:.2f}) / {r['experts_kernel']:.0f} | "
+                     f"{r['layer_original']:.0f} / {r['layer_fused']:.0f} / {r['layer_auto']:.0f} | "
+                     f"{r['dense_geglu']:.0f} | " + " / ".join(f"{r[f'layer_{m}'] / r['dense_geglu']:.2f}x"
+                                                           for m in ("original", "fused", "auto")) + " |")
     print("\n".join(lines))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

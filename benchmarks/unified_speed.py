@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[8, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="timed decodes per variant and round (best kept)")
     ap.add_argument("--moe-impl", type=Path, default=None,
                     help="also run the first MoE with the layer of this copy of layers/moe.py (variant 'alt')")
     ap.add_argument("--out", type=Path, default=None)
@@ -78,7 +79,7 @@ def main() -> None:
             for name, (model, mode) in variants.items():
                 if mode is not None:
                     set_dispatch(model, mode)
-                speed = decoding_speed(model, vq, tok, images, batch=batch, repeats=3)
+                speed = decoding_speed(model, vq, tok, images, batch=batch, repeats=args.repeats)
                 entry = results[name].setdefault(str(batch), {**speed, "rounds": []})
                 entry["rounds"].append({key: speed[key] for key in SPEEDS})
                 for key in SPEEDS:
@@ -98,7 +99,7 @@ def main() -> None:
     print("\n".join(lines))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"results": results, "table": lines, "rounds": args.rounds,
+        args.out.write_text(json.dumps({"results": results, "table": lines, "rounds": args.rounds, "repeats": args.repeats,
                                         "threads": args.threads, "alt_impl": str(args.moe_impl)}, indent=2) + "\n")
 
 
