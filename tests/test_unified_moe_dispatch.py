@@ -7,6 +7,7 @@ tolerance), the same greedy tokens, the same gradients, and must leave the train
 alone at inference.
 """
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ from ernielab.models.unified import (
     generate_image_codes, load_model, model_inputs, text_to_image_sequence, unified_loss,
 )
 
-TRAINED = Path(__file__).resolve().parents[1] / "runs" / "unified_3k" / "moe" / "model"
+# a trained MoE folder: runs/unified_3k by default, any other through ERNIELAB_TRAINED_UNIFIED
+TRAINED = Path(os.environ.get("ERNIELAB_TRAINED_UNIFIED",
+                              Path(__file__).resolve().parents[1] / "runs" / "unified_3k" / "moe" / "model"))
 
 
 class PreviousMoE(MoEFeedForward):
@@ -154,7 +157,7 @@ def test_greedy_decoding_unchanged_on_a_tiny_model():
     torch.testing.assert_close(loss_new, loss_old, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not TRAINED.exists(), reason="needs the trained model of docs/unified.md (runs/unified_3k)")
+@pytest.mark.skipif(not TRAINED.exists(), reason=f"needs a trained unified MoE at {TRAINED}")
 @pytest.mark.parametrize("batch", [8, 32])
 def test_greedy_decoding_unchanged_on_the_trained_model(batch):
     """The benchmark's own decodes (batch 8 and 32): same image codes and captions token for token."""
