@@ -20,8 +20,8 @@ none has a Python loop over tokens and none evaluates an expert on tokens not ro
   gate-weighted add into the output, in one call. It replaces about ten torch ops and the per-expert
   matmuls inside CPU grouped_mm, whose fixed costs dominate decoding (docs/unified.md).
 - "fused" (the torch path, used in training): the (token, expert) assignments are sorted by expert,
-  tokens gathered into one contiguous [N*k, D] block, and each expert's slice multiplied by its own weights with grouped matmuls
-  (`torch.nn.functional.grouped_mm`, a loop over experts where it is missing); the weighted results are
+  tokens gathered into one contiguous [N*k, D] block, and each expert's slice multiplied by its own
+  weights with grouped matmuls (`torch.nn.functional.grouped_mm`, a loop over experts where it is missing); the weighted results are
   scattered back with `index_add_`. The gate and up projections are stored fused ([E, D, 2H]), so one
   grouped matmul computes both: on CPU grouped_mm runs one small matmul per expert, and per-call
   overhead, not arithmetic, dominates at decoding sizes, so 2 grouped matmuls instead of 3 is faster.
