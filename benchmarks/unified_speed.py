@@ -99,8 +99,9 @@ def main() -> None:
     print("\n".join(lines))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"results": results, "table": lines, "rounds": args.rounds, "repeats": args.repeats,
-                                        "threads": args.threads, "alt_impl": str(args.moe_impl)}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"results": results, "table": lines, "rounds": args.rounds,
+                                        "repeats": args.repeats, "threads": args.threads,
+                                        "alt_impl": str(args.moe_impl)}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

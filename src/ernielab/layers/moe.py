@@ -21,10 +21,11 @@ none has a Python loop over tokens and none evaluates an expert on tokens not ro
   matmuls inside CPU grouped_mm, whose fixed costs dominate decoding (docs/unified.md).
 - "fused" (the torch path, used in training): the (token, expert) assignments are sorted by expert,
   tokens gathered into one contiguous [N*k, D] block, and each expert's slice multiplied by its own
-  weights with grouped matmuls (`torch.nn.functional.grouped_mm`, a loop over experts where it is missing); the weighted results are
-  scattered back with `index_add_`. The gate and up projections are stored fused ([E, D, 2H]), so one
-  grouped matmul computes both: on CPU grouped_mm runs one small matmul per expert, and per-call
-  overhead, not arithmetic, dominates at decoding sizes, so 2 grouped matmuls instead of 3 is faster.
+  weights with grouped matmuls (`torch.nn.functional.grouped_mm`, a loop over experts where it is
+  missing); the weighted results are scattered back with `index_add_`. The gate and up projections
+  are stored fused ([E, D, 2H]), so one grouped matmul computes both: on CPU grouped_mm runs one small
+  matmul per expert, and per-call overhead, not arithmetic, dominates at decoding sizes, so 2 grouped
+  matmuls instead of 3 is faster.
 - "grouped": the same with separate gate and up grouped matmuls (the pre-fusion dispatch, kept to
   measure against).
 - "padded": every assignment gets a slot in its expert's row of a zero-padded [E, C, D] buffer, C = the

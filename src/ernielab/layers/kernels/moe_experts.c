@@ -13,10 +13,8 @@
  * w_down [E, H, D], as MoEFeedForward stores them. Plain C with GCC/Clang vector extensions: the compiler
  * picks the widest vectors the host has.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define ROWS 4  /* tokens of one expert multiplied together: 4 rows x 2 vectors = 8 accumulators */
 #define VL 8    /* floats per vector */
@@ -24,7 +22,6 @@
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 typedef float vf_unaligned __attribute__((vector_size(VL * sizeof(float)), aligned(4), may_alias));
-typedef int32_t vi_unaligned __attribute__((vector_size(VL * sizeof(int32_t)), aligned(4), may_alias));
 
 static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
 static inline void store(float *p, vf v) { *(vf_unaligned *)p = v; }
@@ -71,7 +68,8 @@ static void gemm(const float *const *x, int rows, int64_t dim, const float *w, i
 static inline vf exp_nonpositive(vf v) {
     const vi low = v < splat(-87.0f);  /* lanes of all ones where v < -87 (C has no vector ?:) */
     v = (vf)(((vi)v & ~low) | ((vi)splat(-87.0f) & low));
-    const vf n = __builtin_convertvector(__builtin_convertvector(v * 1.44269504f - 0.5f, vi), vf);  /* round(v log2 e) for v <= 0 */
+    /* round(v log2 e) for v <= 0: truncation toward zero of a negative number rounds up */
+    const vf n = __builtin_convertvector(__builtin_convertvector(v * 1.44269504f - 0.5f, vi), vf);
     const vf r = v - n * 0.693145752f - n * 1.42860677e-6f;  /* ln 2 in two parts: exact n * hi */
     vf p = splat(1.0f / 720);
     p = p * r + 1.0f / 120;
