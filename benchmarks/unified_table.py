@@ -36,14 +36,15 @@ TORCH_DISPATCH = "MoE, full, torch grouped_mm dispatch (speed only)"
 
 
 def ensure_trained(out: Path, steps: int, progress: bool, coupled: bool = False, nested: bool = False,
-                   distill: float = 0.0, seed: int = 0) -> None:
+                   distill: float = 0.0, seed: int = 0, anchor: float = 0.0) -> None:
     if not (out / "vq" / "vq.safetensors").is_file():
         train_vq(VQConfig.cpu(), VQTrainConfig(), out / "vq", progress=progress)
     moe_cfg = UnifiedConfig.cpu(elastic_nested=nested)
     for name, cfg, elastic in (("moe", moe_cfg, True), ("dense", UnifiedConfig.cpu().dense_twin(), False)):
         if not (out / name / "model" / "model.safetensors").is_file():
             run_cfg = UnifiedTrainConfig(steps=steps, elastic=elastic, elastic_coupled=coupled,
-                                         elastic_distill=distill if elastic else 0.0, seed=seed)
+                                         elastic_distill=distill if elastic else 0.0, seed=seed,
+                                         elastic_anchor=anchor if elastic else 0.0)
             train_unified(cfg, run_cfg, out / "vq", out / name, progress=progress)
 
 
@@ -100,11 +101,13 @@ def main() -> None:
     ap.add_argument("--elastic-distill", type=float, default=0.0,
                     help="in-place distillation: weight of KL(full model || sub-model) on steps that train a "
                          "smaller sub-model")
+    ap.add_argument("--elastic-anchor", type=float, default=0.0,
+                    help="share of the shrunken steps that train the half-active combined cut itself")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
     ensure_trained(args.out, args.steps, not args.no_progress, args.elastic_coupled, args.elastic_nested,
-                   args.elastic_distill, args.seed)
+                   args.elastic_distill, args.seed, args.elastic_anchor)
 
     moe, vq, _ = load_model(args.out / "moe" / "model")
     models, selections = {}, {}
@@ -208,6 +211,7 @@ def main() -> None:
     results["_meta"] = {"settings": settings, "steps": args.steps, "seed": args.seed,
                         "elastic_coupled": args.elastic_coupled,
                         "elastic_nested": args.elastic_nested, "elastic_distill": args.elastic_distill,
+                        "elastic_anchor": args.elastic_anchor,
                         "speed_rounds": args.speed_rounds,
                         "speed_batches": args.speed_batches, "threads": args.threads, "speed_ratios": ratios,
                         "elapsed_s": time.time() - t0}

@@ -64,6 +64,43 @@ def test_inplace_distillation_runs_on_the_shrunken_steps(trained, tmp_path):
     assert res.exit_code == 2 and "elastic_distill" in res.output
 
 
+def test_anchor_cut_training_resumes_and_rejects_bad_cuts(trained, tmp_path):
+    args = ["--vq", trained / "vq", "--steps", 6, *TRAIN, "--set", "num_layers=4", "--set", "elastic_nested=true",
+            "--elastic-coupled", "--elastic-anchor", 1.0, "--anchor-cut", "3,4,1"]
+    res = invoke("train", "--run-dir", tmp_path / "a", *args, "--stop-after", 3)
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
+    assert saved["elastic_anchor"] == 1.0 and saved["anchor_cut"] == [3, 4, 1]
+    res = invoke("train", "--run-dir", tmp_path / "a", *args)  # the JSON list [3, 4, 1] matches (3, 4, 1)
+    assert res.exit_code == 0 and "resumed" in res.output, res.output
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    cut = {"layers": [0, 2, 3], "top_k": 1, "experts": {str(i): [0, 1, 2, 3] for i in (0, 2, 3)}}
+    full = {"layers": None, "top_k": None, "experts": None}
+    assert [r["step"] for r in records] == [3, 6] and all(r["last_submodel"] in (cut, full) for r in records)
+    for cut, message in (("3,4,9", "does not fit"), ("3,4", "DEPTH,EXPERTS,TOP_K"), ("a,b,c", "DEPTH,EXPERTS,TOP_K")):
+        res = invoke("train", "--run-dir", tmp_path / "bad", *args[:-1], cut)
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert not (tmp_path / "bad").exists()
+    res = invoke("train", "--run-dir", tmp_path / "bad", *args[:-4], "--elastic-anchor", 1.5)
+    assert res.exit_code == 2 and "elastic_anchor" in res.output
+
+
+def test_checkpoint_from_before_a_new_setting_resumes_at_its_default(trained, tmp_path):
+    res = invoke("train", "--run-dir", tmp_path / "old", "--vq", trained / "vq", "--steps", 4, "--stop-after", 2,
+                 *TRAIN)
+    assert res.exit_code == 0, res.output
+    state_file = next((tmp_path / "old" / "checkpoints").iterdir()) / "state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("elastic_anchor", "anchor_cut"):  # as written before these settings existed
+        del state["config"]["train"][key]
+    state_file.write_text(json.dumps(state))
+    res = invoke("train", "--run-dir", tmp_path / "old", "--vq", trained / "vq", "--steps", 4, *TRAIN,
+                 "--elastic-anchor", 0.5)
+    assert res.exit_code == 2 and "elastic_anchor" in res.output  # not the default: a different run
+    res = invoke("train", "--run-dir", tmp_path / "old", "--vq", trained / "vq", "--steps", 4, *TRAIN)
+    assert res.exit_code == 0 and "resumed" in res.output, res.output
+
+
 def test_generate_caption_extract_eval(trained, tmp_path):
     model = trained / "run" / "model"
     res = invoke("generate-image", model, "a red circle to the left of a blue square", "-o", tmp_path / "a.png")

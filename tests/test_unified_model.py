@@ -9,6 +9,7 @@ from ernielab.models.unified import (
     save_model, text_sequence, text_to_image_sequence, unified_loss,
 )
 from ernielab.models.unified.model import IGNORE
+from ernielab.models.unified.submodel import cut_submodel, half_active_cut
 from ernielab.models.unified.tokenizer import BOS, EOS
 
 
@@ -210,6 +211,35 @@ def test_nested_elastic_draws_are_the_cuts_extraction_makes(vocab):
     assert extract_submodel(model, cut).config.elastic_nested
     other = {i: torch.arange(cfg.num_experts) % 2 == 1 for i in range(cfg.num_layers)}
     assert not extract_submodel(model, SubModel(expert_masks=other)).config.elastic_nested
+
+
+def test_anchor_draws_replace_shrunken_steps_only(vocab):
+    cfg = UnifiedConfig.tiny(text_vocab=vocab, num_layers=4, num_experts=8, top_k=4, elastic_nested=True)
+    cut = cut_submodel(cfg, *half_active_cut(cfg))
+    assert half_active_cut(cfg) == (3, 4, 1) and cut.layers == (0, 2, 3) and cut.top_k == 1
+    assert all(m.tolist() == [True] * 4 + [False] * 4 for m in cut.expert_masks.values())
+    same = lambda a, b: a.layers == b.layers and a.top_k == b.top_k and (
+        (a.expert_masks is None) == (b.expert_masks is None)
+        and all(torch.equal(a.expert_masks[i], b.expert_masks[i]) for i in a.expert_masks or {}))
+    always = never = anchored = 0
+    for seed in range(600):  # a fresh generator per draw, as training uses one per step
+        plain = sample_submodel(cfg, torch.Generator().manual_seed(seed), coupled=True)
+        forced = sample_submodel(cfg, torch.Generator().manual_seed(seed), coupled=True, p_anchor=1.0)
+        half = sample_submodel(cfg, torch.Generator().manual_seed(seed), coupled=True, p_anchor=0.5)
+        # the full model keeps exactly its steps; p_anchor = 1 turns every other step into the cut
+        assert plain.is_full() == forced.is_full() == half.is_full()
+        if plain.is_full():
+            continue
+        assert same(forced, cut) and (same(half, cut) or same(half, plain))
+        never += same(plain, cut)
+        anchored += same(half, cut)
+        always += 1
+    assert abs(always / 600 - 0.25) < 0.05
+    assert never / always < 0.1 and abs(anchored / always - 0.5) < 0.12
+    with pytest.raises(ValueError, match="does not fit"):
+        cut_submodel(cfg, 3, 2, 4)  # fewer experts than k
+    with pytest.raises(ValueError, match="does not fit"):
+        cut_submodel(cfg, 5, 4, 1)
 
 
 def test_loss_has_all_parts_and_decreases(vocab):

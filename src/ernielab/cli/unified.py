@@ -66,6 +66,10 @@ def train(run_dir: Path = typer.Option(..., help="output folder; the final model
           elastic_coupled: bool = typer.Option(False, help="one draw shrinks depth, experts and k together"),
           elastic_distill: float = typer.Option(0.0, help="in-place distillation: weight of KL(full model || "
                                                 "sub-model) on steps that train a smaller sub-model"),
+          elastic_anchor: float = typer.Option(0.0, help="share of the shrunken steps that train the anchor cut "
+                                               "(the deployment sub-model) instead of a random one"),
+          anchor_cut: Optional[str] = typer.Option(None, help="the anchor cut as DEPTH,EXPERTS,TOP_K (default: "
+                                                   "75% of the layers, half the experts, a quarter of k)"),
           set_: list[str] = typer.Option([], "--set", help="model config override, e.g. --set num_layers=6"),
           steps: int = typer.Option(1000), t2i_batch: int = typer.Option(16), i2t_batch: int = typer.Option(16),
           text_batch: int = typer.Option(16), lr: float = typer.Option(3e-3),
@@ -84,8 +88,22 @@ def train(run_dir: Path = typer.Option(..., help="output folder; the final model
     cfg = UnifiedTrainConfig(steps=steps, t2i_batch=t2i_batch, i2t_batch=i2t_batch, text_batch=text_batch, lr=lr,
                              train_size=train_size, seed=seed, save_every=save_every,
                              elastic=elastic and not dense, elastic_coupled=elastic_coupled,
-                             elastic_distill=elastic_distill if elastic and not dense else 0.0)
+                             elastic_distill=elastic_distill if elastic and not dense else 0.0,
+                             elastic_anchor=elastic_anchor if elastic and not dense else 0.0,
+                             anchor_cut=parse_cut(anchor_cut))
     typer.echo(json.dumps(train_unified(model_cfg, cfg, vq, run_dir, resume=resume, stop_after=stop_after)))
+
+
+def parse_cut(text: str | None) -> tuple[int, int, int] | None:
+    """"3,8,1" -> (3, 8, 1)."""
+    if text is None:
+        return None
+    try:
+        depth, experts, top_k = (int(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected DEPTH,EXPERTS,TOP_K (three integers), got {text!r}",
+                                 param_hint="--anchor-cut") from None
+    return depth, experts, top_k
 
 
 @app.command("generate-image")

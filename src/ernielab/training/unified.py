@@ -26,7 +26,7 @@ from ..models.unified.io import load_vq, save_model, save_vq
 from ..models.unified.model import (IMAGE, IMAGE_START, TEXT, SubModel, UnifiedTransformer, full_model_logits,
                                     unified_loss)
 from ..models.unified.sequences import collate, image_to_text_sequence, text_sequence, text_to_image_sequence
-from ..models.unified.submodel import sample_submodel, submodel_summary
+from ..models.unified.submodel import cut_submodel, half_active_cut, sample_submodel, submodel_summary
 from ..models.unified.tokenizer import BOS, EOS, TextTokenizer, build_text_vocab
 from ..models.unified.vq import VQTokenizer, psnr
 from ..pipeline import to_uint8
@@ -49,8 +49,12 @@ def restore(run_dir: Path, modules: dict[str, torch.nn.Module], optimizer, sched
     if saved.get("model") != json.loads(json.dumps(config)):  # tuples come back from JSON as lists
         raise ValueError(f"checkpoint {path} was trained with a different model config; train into another "
                          f"run directory")
-    ours = {k: v for k, v in train_cfg.to_dict().items() if k not in RESUME_FREE_FIELDS}
-    theirs = {k: v for k, v in saved.get("train", {}).items() if k not in RESUME_FREE_FIELDS}
+    # compared as JSON (tuples are saved as lists); a setting added after the checkpoint was written
+    # counts as its default, which is what that run trained with
+    defaults = {f.name: f.default for f in dataclasses.fields(train_cfg) if f.default is not dataclasses.MISSING}
+    ours = {k: v for k, v in json.loads(json.dumps(train_cfg.to_dict())).items() if k not in RESUME_FREE_FIELDS}
+    theirs = {k: v for k, v in json.loads(json.dumps({**defaults, **saved.get("train", {})})).items()
+              if k not in RESUME_FREE_FIELDS}
     if ours != theirs:
         changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         raise ValueError(f"checkpoint {path} was trained with different training settings {changed}; "
@@ -192,6 +196,10 @@ class UnifiedTrainConfig(Config):
     # in-place distillation: on steps that train a smaller sub-model, add this weight times
     # KL(full model || sub-model) to its loss; the full model's pass is extra forward work, no gradient
     elastic_distill: float = 0.0
+    # share of the shrunken steps that train the deployment cut (sample_submodel's p_anchor); the cut is
+    # (depth, experts, top_k), None = half_active_cut (3 of 4 layers, 8 of 16 experts, k=1)
+    elastic_anchor: float = 0.0
+    anchor_cut: tuple[int, int, int] | None = None
     min_depth_fraction: float = 0.5
     min_expert_fraction: float = 0.5
     train_size: int = 20_000
@@ -208,6 +216,12 @@ class UnifiedTrainConfig(Config):
             raise ValueError("at least one task needs a positive batch size")
         if self.elastic_distill < 0:
             raise ValueError(f"elastic_distill must be >= 0, got {self.elastic_distill}")
+        if not 0 <= self.elastic_anchor <= 1:
+            raise ValueError(f"elastic_anchor must be in [0, 1], got {self.elastic_anchor}")
+        if self.anchor_cut is not None:
+            if len(self.anchor_cut) != 3:
+                raise ValueError(f"anchor_cut is (depth, experts, top_k), got {self.anchor_cut}")
+            self.anchor_cut = tuple(int(v) for v in self.anchor_cut)  # a JSON list when loaded back
 
 
 class ShapesCorpus:
@@ -251,7 +265,7 @@ def step_submodel(model_cfg: UnifiedConfig, cfg: UnifiedTrainConfig, step: int) 
         return SubModel()
     return sample_submodel(model_cfg, generator("unified-elastic", cfg.seed, step), cfg.p_full_depth,
                            cfg.p_all_experts, cfg.p_default_k, cfg.min_depth_fraction, cfg.min_expert_fraction,
-                           coupled=cfg.elastic_coupled)
+                           coupled=cfg.elastic_coupled, p_anchor=cfg.elastic_anchor, anchor=cfg.anchor_cut)
 
 
 class LoadMeter:
@@ -302,6 +316,8 @@ def train_unified(model_cfg: UnifiedConfig, cfg: UnifiedTrainConfig, vq_dir: str
     if not model_cfg.text_vocab:
         model_cfg = model_cfg.replace(text_vocab=build_text_vocab())
     tok = TextTokenizer(model_cfg.text_vocab)
+    if cfg.elastic and cfg.elastic_anchor > 0 and not model_cfg.is_dense:  # a bad cut fails now, not mid-run
+        cut_submodel(model_cfg, *(cfg.anchor_cut or half_active_cut(model_cfg)))
     torch.manual_seed(derive_seed("unified-init", cfg.seed))
     model = UnifiedTransformer(model_cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))

@@ -55,9 +55,40 @@ def describe_submodel(model: UnifiedTransformer, depth: int | None = None, num_e
     return SubModel(layers=layers, top_k=None if top_k == cfg.top_k else top_k, expert_masks=masks)
 
 
+def half_active_cut(cfg: UnifiedConfig) -> tuple[int, int, int]:
+    """(depth, experts, top_k) of the combined cut at about half the active parameters: 75% of the layers,
+    half the experts, a quarter of k (4 layers / 16 experts / k=4 -> 3 / 8 / 1, 51% active)."""
+    return round(0.75 * cfg.num_layers), cfg.num_experts // 2, max(1, cfg.top_k // 4)
+
+
+def cut_submodel(cfg: UnifiedConfig, depth: int, num_experts: int, top_k: int,
+                 generator: torch.Generator | None = None) -> SubModel:
+    """The SubModel of a (depth, experts, top_k) cut as training runs it: evenly spaced layers; the first
+    experts when cfg.elastic_nested (what extraction cuts), else a random set per layer."""
+    L, E = cfg.num_layers, cfg.num_experts
+    if not (1 <= depth <= L and top_k <= num_experts <= E and 1 <= top_k <= cfg.top_k):
+        raise ValueError(f"cut (depth={depth}, experts={num_experts}, top_k={top_k}) does not fit a model with "
+                         f"{L} layers, {E} experts and k={cfg.top_k}")
+    layers = None if depth == L else evenly_spaced_layers(L, depth)
+    masks = training_expert_masks(cfg, layers, num_experts, generator) if num_experts < E else None
+    return SubModel(layers=layers, top_k=None if top_k == cfg.top_k else top_k, expert_masks=masks)
+
+
+def training_expert_masks(cfg: UnifiedConfig, layers: tuple[int, ...] | None, kept: int,
+                          generator: torch.Generator | None) -> dict[int, torch.Tensor]:
+    """Per run layer, `kept` experts: the first ones when nested, else a random set per layer."""
+    E, masks = cfg.num_experts, {}
+    for i in layers or range(cfg.num_layers):
+        mask = torch.zeros(E, dtype=torch.bool)
+        mask[slice(kept) if cfg.elastic_nested else torch.randperm(E, generator=generator)[:kept]] = True
+        masks[i] = mask
+    return masks
+
+
 def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth: float = 0.75,
                     p_all_experts: float = 0.8, p_default_k: float = 0.8, min_depth_fraction: float = 0.5,
-                    min_expert_fraction: float = 0.5, coupled: bool = False) -> SubModel:
+                    min_expert_fraction: float = 0.5, coupled: bool = False, p_anchor: float = 0.0,
+                    anchor: tuple[int, int, int] | None = None) -> SubModel:
     """One elastic-training draw (ERNIE 5.0 proportions by default): full depth with p_full_depth, else a
     random ordered subset of layers; all experts with p_all_experts, else a random subset per layer
     (masked out of routing); the default top-k with p_default_k, else a uniformly smaller k.
@@ -66,7 +97,11 @@ def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth
     together: with the defaults 20% of steps shrink depth, experts and k at once (independent draws: 1%),
     so combined sub-models get trained, and the full model runs on 75% of steps (independent: 48%).
     cfg.elastic_nested: the layers are evenly spaced and the experts a prefix, exactly the sub-models that
-    `describe_submodel` cuts from such a model."""
+    `describe_submodel` cuts from such a model.
+    p_anchor: a draw that shrinks anything becomes the `anchor` cut (depth, experts, top_k; default
+    `half_active_cut`) with this probability, so the sub-model meant for deployment is trained on
+    p_anchor x (share of shrunken steps) of all steps instead of rarely (a "sandwich" at equal compute:
+    the full model keeps its share of steps). p_anchor = 0 draws exactly what earlier runs drew."""
 
     def uniform() -> float:
         return float(torch.rand((), generator=generator))
@@ -91,15 +126,14 @@ def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth
     masks, kept = None, E
     if reduced(p_all_experts):
         kept = randint(max(k, math.ceil(min_expert_fraction * E)), E - 1) if E - 1 >= k else E
-        masks = {}
-        for i in layers or range(L):
-            mask = torch.zeros(E, dtype=torch.bool)
-            mask[slice(kept) if cfg.elastic_nested else torch.randperm(E, generator=generator)[:kept]] = True
-            masks[i] = mask
+        masks = training_expert_masks(cfg, layers, kept, generator)
     top_k = None
     if reduced(p_default_k) and k > 1:
         top_k = randint(1, k - 1)
-    return SubModel(layers=layers, top_k=top_k, expert_masks=masks)
+    sub = SubModel(layers=layers, top_k=top_k, expert_masks=masks)
+    if p_anchor > 0 and not sub.is_full() and uniform() < p_anchor:
+        return cut_submodel(cfg, *(anchor or half_active_cut(cfg)), generator=generator)
+    return sub
 
 
 def submodel_summary(sub: SubModel) -> dict:
