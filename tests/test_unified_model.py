@@ -8,6 +8,7 @@ from ernielab.models.unified import (
     generate_image_codes, image_to_text_sequence, load_model, model_inputs, parameter_counts, sample_submodel,
     save_model, text_sequence, text_to_image_sequence, unified_loss,
 )
+from ernielab.models.unified.evaluation import caption_accuracy, heldout
 from ernielab.models.unified.model import IGNORE
 from ernielab.models.unified.submodel import cut_submodel, half_active_cut
 from ernielab.models.unified.tokenizer import BOS, EOS
@@ -114,6 +115,15 @@ def test_guided_generation_and_captioning_with_cache(vocab):
     h = model(**model_inputs(full))
     greedy = model.text_logits(h[0, -len(ids[0]) - 1:-1]).argmax(-1) if ids[0] else torch.empty(0)
     assert greedy.tolist() == ids[0]
+
+
+def test_caption_accuracy_per_item_outcomes(vocab):
+    model = make_model(vocab)
+    vq = VQTokenizer(VQConfig.tiny())
+    images, _ = heldout(6, vq.config.image_size)
+    report = caption_accuracy(model, vq, TextTokenizer(vocab), images, batch_size=4, per_item=True)
+    assert len(report["correct"]) == report["n"] == 6 and report["accuracy"] == sum(report["correct"]) / 6
+    assert "correct" not in caption_accuracy(model, vq, TextTokenizer(vocab), images[:2])
 
 
 def test_routing_never_sees_the_modality(vocab):

@@ -44,7 +44,9 @@ def caption_correct(caption: str, image: np.ndarray) -> bool:
 
 @torch.no_grad()
 def caption_accuracy(model: UnifiedTransformer, vq: VQTokenizer, tok: TextTokenizer, images: torch.Tensor,
-                     sub: SubModel | None = None, batch_size: int = 100) -> dict:
+                     sub: SubModel | None = None, batch_size: int = 100, per_item: bool = False) -> dict:
+    """Share of greedy captions the checker finds true of their image; per_item adds the list of
+    per-image outcomes (for paired comparisons of two models on the same images)."""
     correct, examples = [], []
     truth = to_uint8(images)
     for start in range(0, len(images), batch_size):
@@ -55,7 +57,8 @@ def caption_accuracy(model: UnifiedTransformer, vq: VQTokenizer, tok: TextTokeni
             correct.append(caption_correct(text, truth[start + j]))
             if len(examples) < 5:
                 examples.append(text)
-    return {"accuracy": float(np.mean(correct)), "n": len(correct), "examples": examples}
+    out = {"accuracy": float(np.mean(correct)), "n": len(correct), "examples": examples}
+    return {**out, "correct": [bool(c) for c in correct]} if per_item else out
 
 
 @torch.no_grad()
