@@ -38,9 +38,8 @@ def retention(folder: Path, n: int, depth: int, experts: int, top_k: int, rounds
     tok = TextTokenizer(model.config.text_vocab)
     images, _ = heldout(n, vq.config.image_size)
     sub = describe_submodel(model, depth=depth, num_experts=experts, top_k=top_k)
-    with torch.no_grad():
-        full = np.array(caption_accuracy(model, vq, tok, images, per_item=True)["correct"], dtype=float)
-        cut = np.array(caption_accuracy(model, vq, tok, images, sub, per_item=True)["correct"], dtype=float)
+    full = np.array(caption_accuracy(model, vq, tok, images, per_item=True)["correct"], dtype=float)
+    cut = np.array(caption_accuracy(model, vq, tok, images, sub, per_item=True)["correct"], dtype=float)
     low, high = paired_bootstrap(full, cut, rounds, seed=0)
     return {"model": str(folder), "n": n, "cut": {"depth": depth, "experts": experts, "top_k": top_k},
             "full": full.mean(), "cut_accuracy": cut.mean(), "retention": cut.mean() / full.mean(),

@@ -27,7 +27,7 @@ import torch
 from ernielab.models.unified import UnifiedConfig, VQConfig, extract_submodel, load_model, parameter_counts, save_model
 from ernielab.models.unified.evaluation import decoding_speed, evaluate, heldout
 from ernielab.models.unified.selection import select_submodel
-from ernielab.models.unified.submodel import describe_submodel, submodel_summary
+from ernielab.models.unified.submodel import describe_submodel, half_active_cut, submodel_summary
 from ernielab.models.unified.tokenizer import TextTokenizer
 from ernielab.training.unified import UnifiedTrainConfig, VQTrainConfig, train_unified, train_vq
 
@@ -49,17 +49,18 @@ def ensure_trained(out: Path, steps: int, progress: bool, coupled: bool = False,
 
 
 def submodel_rows(cfg: UnifiedConfig) -> list[tuple[str, dict]]:
-    k, depth, experts = cfg.top_k, round(0.75 * cfg.num_layers), cfg.num_experts // 2
+    k = cfg.top_k
+    depth, experts, quarter_k = half_active_cut(cfg)  # the cut anchor draws train
     return [
         ("MoE, full", {}),
         (f"top-k halved (k={k // 2})", {"top_k": k // 2}),
-        (f"top-k quartered (k={max(1, k // 4)})", {"top_k": max(1, k // 4)}),
+        (f"top-k quartered (k={quarter_k})", {"top_k": quarter_k}),
         (f"75% depth ({depth} layers)", {"depth": depth}),
         (f"50% experts ({experts})", {"num_experts": experts}),
         (f"combined: {depth} layers, {experts} experts, k={k // 2}",
          {"depth": depth, "num_experts": experts, "top_k": k // 2}),
-        (f"combined: {depth} layers, {experts} experts, k={max(1, k // 4)}",
-         {"depth": depth, "num_experts": experts, "top_k": max(1, k // 4)}),
+        (f"combined: {depth} layers, {experts} experts, k={quarter_k}",
+         {"depth": depth, "num_experts": experts, "top_k": quarter_k}),
     ]
 
 

@@ -77,8 +77,8 @@ def test_anchor_cut_training_resumes_and_rejects_bad_cuts(trained, tmp_path):
     cut = {"layers": [0, 2, 3], "top_k": 1, "experts": {str(i): [0, 1, 2, 3] for i in (0, 2, 3)}}
     full = {"layers": None, "top_k": None, "experts": None}
     assert [r["step"] for r in records] == [3, 6] and all(r["last_submodel"] in (cut, full) for r in records)
-    for cut, message in (("3,4,9", "does not fit"), ("3,4", "DEPTH,EXPERTS,TOP_K"), ("a,b,c", "DEPTH,EXPERTS,TOP_K")):
-        res = invoke("train", "--run-dir", tmp_path / "bad", *args[:-1], cut)
+    for bad, message in (("3,4,9", "does not fit"), ("3,4", "DEPTH,EXPERTS,TOP_K"), ("a,b,c", "DEPTH,EXPERTS,TOP_K")):
+        res = invoke("train", "--run-dir", tmp_path / "bad", *args[:-1], bad)
         assert res.exit_code == 2 and message in res.output, res.output
         assert not (tmp_path / "bad").exists()
     res = invoke("train", "--run-dir", tmp_path / "bad", *args[:-4], "--elastic-anchor", 1.5)
