@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ernielab.data.tiered import TieredBenchmarkConfig, build_benchmark, load_images, read_judgments, read_tiered
-from ernielab.eval.aesthetic import DEFAULT_SCORER, QUALITY_CUES, pair_accuracy, tier_report
-from ernielab.training.aesthetic import AestheticTrainConfig, cached_features, calibrate, split_pairs, train_head
+from ernielab.aesthetic.scorer import DEFAULT_SCORER, QUALITY_CUES, pair_accuracy, tier_report
+from ernielab.aesthetic.tiered import TieredBenchmarkConfig, build_benchmark, load_images, read_judgments, read_tiered
+from ernielab.aesthetic.train import AestheticTrainConfig, cached_features, calibrate, split_pairs, train_head
 
 HEADS = {  # name: (backbone, hidden)
     "inception_mlp": ("inception", 128),

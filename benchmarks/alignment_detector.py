@@ -13,8 +13,8 @@ import json
 import numpy as np
 from scipy import ndimage
 
-from ernielab.data.shapes import KINDS, caption, render, sample_scene
-from ernielab.eval.alignment import check
+from ernielab.worlds.alignment import check
+from ernielab.worlds.shapes import KINDS, caption, render, sample_scene
 
 
 def perturb(image: np.ndarray, rng: np.random.Generator, noise: float, blur: float, shift: float) -> np.ndarray:

@@ -11,7 +11,7 @@
    `--eval-steps`):
    alignment on `--n-align` count and relation prompts (make_prompts seed 0, image seeds 100000 + i, as
    `ernielab eval`) and FID/KID of `--n-fid` images for held-out captions against the real held-out images;
-   with `--aesthetic default` also the mean aesthetic score (ernielab.eval.aesthetic) of those images.
+   with `--aesthetic default` also the mean aesthetic score (ernielab.aesthetic.scorer) of those images.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dpo.py
 
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from ernielab.data.preferences import PAIRS_FILE, make_pairs
-from ernielab.data.registry import DataConfig
-from ernielab.data.shapes import make_prompts
-from ernielab.eval.contact_sheet import save_grid
-from ernielab.eval.evaluate import real_split, score_alignment
-from ernielab.eval.fid import compute_fid_kid
-from ernielab.pipeline import DEFAULT_MODEL, TextToImagePipeline, to_uint8
-from ernielab.training.dpo import DPOSettings, DPOTrainConfig, DPOTrainer
+from ernielab.core.images import save_grid, to_uint8
+from ernielab.dpo.preferences import PAIRS_FILE, make_pairs
+from ernielab.dpo.train import DPOSettings, DPOTrainConfig, DPOTrainer
+from ernielab.image.evaluate import real_split, score_alignment
+from ernielab.image.fid import compute_fid_kid
+from ernielab.image.pipeline import DEFAULT_MODEL, TextToImagePipeline
+from ernielab.worlds.registry import DataConfig
+from ernielab.worlds.shapes import make_prompts
 
 EVAL_KINDS = ("count", "relation")
 PAIR_NOISE_SEED = 1_000_000
@@ -109,10 +109,10 @@ def evaluate_model(args, model_dir: Path, out: Path) -> dict:
 
 
 def add_aesthetic(args, model_dir: Path, report: dict, report_file: Path) -> dict:
-    """Mean aesthetic score (ernielab.eval.aesthetic's scorer) of the images for the FID captions."""
+    """Mean aesthetic score (ernielab.aesthetic.scorer's scorer) of the images for the FID captions."""
     if not args.aesthetic or "aesthetic" in report or args.n_fid <= 0:
         return report
-    from ernielab.eval.aesthetic import load_scorer
+    from ernielab.aesthetic.scorer import load_scorer
 
     scorer = load_scorer(None if args.aesthetic == "default" else args.aesthetic)
     captions = list(real_split(DataConfig(kind="shapes", image_size=32), args.n_fid)["caption"])

@@ -21,11 +21,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ernielab.data.intents import INTENT_ATTRIBUTES, caption_consistent, check_intent, make_intents, well_formed_scene
-from ernielab.data.shapes import KINDS
-from ernielab.eval.alignment import check, detect
-from ernielab.models.enhancer import PromptEnhancer
-from ernielab.pipeline import TextToImagePipeline, to_uint8
+from ernielab.core.images import to_uint8
+from ernielab.enhancer.intents import (
+    INTENT_ATTRIBUTES,
+    caption_consistent,
+    check_intent,
+    make_intents,
+    well_formed_scene,
+)
+from ernielab.enhancer.model import PromptEnhancer
+from ernielab.image.pipeline import TextToImagePipeline
+from ernielab.worlds.alignment import check, detect
+from ernielab.worlds.shapes import KINDS
 
 
 def draw(pipe: TextToImagePipeline, prompts: list[str], seed: int, steps: int | None, desc: str,

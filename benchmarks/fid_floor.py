@@ -10,9 +10,9 @@ import json
 
 import torch
 
-from ernielab.data.registry import DataConfig, build_dataset, collate
-from ernielab.eval.fid import compute_fid_kid
-from ernielab.pipeline import to_uint8
+from ernielab.core.images import to_uint8
+from ernielab.image.fid import compute_fid_kid
+from ernielab.worlds.registry import DataConfig, build_dataset, collate
 
 
 def main() -> None:

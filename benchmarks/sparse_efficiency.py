@@ -38,8 +38,8 @@ def worker(args) -> dict:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ernielab.layers.norms import RMSNorm
-    from ernielab.layers.sparse_attention import SparseSelfAttention
+    from ernielab.core.layers.norms import RMSNorm
+    from ernielab.sparse.attention import SparseSelfAttention
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

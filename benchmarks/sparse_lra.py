@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ernielab.cli.common import parse_sets
-from ernielab.data.lra import ListOpsSpec, PathfinderSpec, load_task, split_exists, write_listops, write_pathfinder
-from ernielab.models.sparse import PRESETS
-from ernielab.training.sparse import BEST_DIR, SparseTrainConfig, evaluate, load_trained, train_classifier
+from ernielab.core.cli import parse_sets
+from ernielab.sparse.config import PRESETS
+from ernielab.sparse.lra import ListOpsSpec, PathfinderSpec, load_task, split_exists, write_listops, write_pathfinder
+from ernielab.sparse.train import BEST_DIR, SparseTrainConfig, evaluate, load_trained, train_classifier
 
 MODELS = {"dense": ("dense", 0.0), "bigbird": ("bigbird", 0.0), "hst": ("hst", 0.0), "hst-sar": ("hst", None)}
 # Named bundles of defaults. listops-len128: the official generator spec with lengths 20-128 (exclusive)
@@ -140,7 +140,7 @@ def outer_operator_baseline(args) -> dict | None:
         return None
     from collections import Counter, defaultdict
 
-    from ernielab.data.lra import LISTOPS_FILES, read_tsv
+    from ernielab.sparse.lra import LISTOPS_FILES, read_tsv
 
     def rows(split):
         return [(source.replace("(", " ").split()[0], label) for _, source, label in
@@ -180,7 +180,7 @@ def root_digits_baseline(args) -> dict | None:
         return None
     from collections import Counter, defaultdict
 
-    from ernielab.data.lra import LISTOPS_FILES, read_tsv
+    from ernielab.sparse.lra import LISTOPS_FILES, read_tsv
 
     def rows(split):
         out = []

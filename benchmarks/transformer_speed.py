@@ -15,7 +15,8 @@ import time
 import torch
 from diffusers import ErnieImageTransformer2DModel
 
-from ernielab.models.image import ErnieImageConfig, ErnieImageTransformer
+from ernielab.image.config import ErnieImageConfig
+from ernielab.image.transformer import ErnieImageTransformer
 
 
 def timed(fn, *args) -> float:

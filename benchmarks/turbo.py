@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ernielab.data.registry import DataConfig
-from ernielab.eval.evaluate import alignment_prompts, real_split, score_alignment
-from ernielab.eval.fid import fid_kid_from_features, inception_features
-from ernielab.pipeline import DEFAULT_MODEL, TextToImagePipeline, to_uint8
+from ernielab.core.images import to_uint8
+from ernielab.image.evaluate import alignment_prompts, real_split, score_alignment
+from ernielab.image.fid import fid_kid_from_features, inception_features
+from ernielab.image.pipeline import DEFAULT_MODEL, TextToImagePipeline
+from ernielab.worlds.registry import DataConfig
 
 
 def parse_args():

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ernielab.data.registry import DataConfig
-from ernielab.eval.evaluate import real_split
-from ernielab.pipeline import TextToImagePipeline, to_uint8
+from ernielab.core.images import to_uint8
+from ernielab.image.evaluate import real_split
+from ernielab.image.pipeline import TextToImagePipeline
+from ernielab.worlds.registry import DataConfig
 
 FOREGROUND = 60  # max channel above this: a shape pixel
 MID_TONE = (15, 60)  # neither background nor shape: edges, halos and grain

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ernielab.models.unified import describe_submodel, load_model
-from ernielab.models.unified.evaluation import caption_accuracy, heldout
-from ernielab.models.unified.tokenizer import TextTokenizer
+from ernielab.unified.evaluation import caption_accuracy, heldout
+from ernielab.unified.io import load_model
+from ernielab.unified.submodel import describe_submodel
+from ernielab.unified.tokenizer import TextTokenizer
 
 
 def paired_bootstrap(full: np.ndarray, cut: np.ndarray, rounds: int, seed: int) -> tuple[float, float]:

@@ -32,13 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
-
-from ernielab.data.shapes import make_prompts
-from ernielab.layers.moe import MoEFeedForward, gelu_times_up, group_ends, grouped_matmul
-from ernielab.models.unified import TextTokenizer, load_model
-from ernielab.models.unified.evaluation import heldout
-from ernielab.models.unified.generate import caption_codes, generate_image_codes
 from unified_speed import swap_moe_impl  # benchmarks/ is on the path when a script here runs
+
+from ernielab.unified.evaluation import heldout
+from ernielab.unified.generate import caption_codes, generate_image_codes
+from ernielab.unified.io import load_model
+from ernielab.unified.moe import MoEFeedForward, gelu_times_up, group_ends, grouped_matmul
+from ernielab.unified.tokenizer import TextTokenizer
+from ernielab.worlds.shapes import make_prompts
 
 TASKS = ("image", "text")
 

@@ -28,15 +28,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ernielab.layers.mlp import GeGLU
-from ernielab.layers.moe import MoEFeedForward, grouped_matmul
+from ernielab.core.layers.mlp import GeGLU
+from ernielab.unified.moe import MoEFeedForward, grouped_matmul
 
 
 def trained_layer_and_states(model_dir: Path, layer: int, n: int) -> tuple[MoEFeedForward, torch.Tensor]:
     """The MoE layer `layer` of a trained model and n of the hidden states that reach it on held-out data."""
-    from ernielab.models.unified import TextTokenizer, load_model
-    from ernielab.models.unified.evaluation import heldout
-    from ernielab.models.unified.sequences import collate, image_to_text_sequence, model_inputs, text_to_image_sequence
+    from ernielab.unified.evaluation import heldout
+    from ernielab.unified.io import load_model
+    from ernielab.unified.sequences import collate, image_to_text_sequence, model_inputs, text_to_image_sequence
+    from ernielab.unified.tokenizer import TextTokenizer
 
     model, vq, _ = load_model(model_dir)
     tok = TextTokenizer(model.config.text_vocab)

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from ernielab.models.unified import TextTokenizer, load_model
-from ernielab.models.unified.evaluation import decoding_speed, heldout
-
+from ernielab.unified.evaluation import decoding_speed, heldout
+from ernielab.unified.io import load_model
+from ernielab.unified.tokenizer import TextTokenizer
 
 SPEEDS = ("image_tokens_per_s", "text_tokens_per_s", "image_tokens_per_cpu_s", "text_tokens_per_cpu_s")
 
 
 def swap_moe_impl(model, path: Path) -> None:
     """Replace every MoE layer by the MoEFeedForward of another copy of layers/moe.py, same weights."""
-    spec = importlib.util.spec_from_file_location("ernielab.layers._moe_alt", path)
+    spec = importlib.util.spec_from_file_location("ernielab.unified._moe_alt", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = model.config

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ernielab.models.unified import UnifiedConfig, VQConfig, extract_submodel, load_model, parameter_counts, save_model
-from ernielab.models.unified.evaluation import decoding_speed, evaluate, heldout
-from ernielab.models.unified.selection import select_submodel
-from ernielab.models.unified.submodel import describe_submodel, half_active_cut, submodel_summary
-from ernielab.models.unified.tokenizer import TextTokenizer
-from ernielab.training.unified import UnifiedTrainConfig, VQTrainConfig, train_unified, train_vq
-
+from ernielab.unified.config import UnifiedConfig, VQConfig
+from ernielab.unified.evaluation import decoding_speed, evaluate, heldout
+from ernielab.unified.io import load_model, save_model
+from ernielab.unified.model import parameter_counts
+from ernielab.unified.selection import select_submodel
+from ernielab.unified.submodel import describe_submodel, extract_submodel, half_active_cut, submodel_summary
+from ernielab.unified.tokenizer import TextTokenizer
+from ernielab.unified.train import UnifiedTrainConfig, VQTrainConfig, train_unified, train_vq
 
 TORCH_DISPATCH = "MoE, full, torch grouped_mm dispatch (speed only)"
 

@@ -29,16 +29,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ernielab.data.registry import DataConfig
-from ernielab.diffusion import add_noise, flow_matching_loss
-from ernielab.eval.contact_sheet import save_grid
-from ernielab.eval.evaluate import alignment_prompts, real_split, score_alignment
-from ernielab.eval.fid import fid_kid_from_features, inception_features
-from ernielab.models.image import ErnieImageConfig, ErnieImageTransformer
-from ernielab.models.text_encoder import TextEncoder
-from ernielab.pipeline import PipelineConfig, TextToImagePipeline, to_uint8
-from ernielab.training.checkpoint import CKPT_DIR
-from ernielab.training.vilg import KnowledgeConfig, VilgTrainConfig, VilgTrainer, stage2_config
+from ernielab.core.checkpoint import CKPT_DIR
+from ernielab.core.images import save_grid, to_uint8
+from ernielab.image.config import ErnieImageConfig
+from ernielab.image.evaluate import alignment_prompts, real_split, score_alignment
+from ernielab.image.fid import fid_kid_from_features, inception_features
+from ernielab.image.flow_matching import add_noise, flow_matching_loss
+from ernielab.image.pipeline import PipelineConfig, TextToImagePipeline
+from ernielab.image.text_encoder import TextEncoder
+from ernielab.image.transformer import ErnieImageTransformer
+from ernielab.vilg.train import KnowledgeConfig, VilgTrainConfig, VilgTrainer, stage2_config
+from ernielab.worlds.registry import DataConfig
 
 VARIANTS = ("baseline", "mode2", "mode4", "knowledge", "mode4_knowledge")
 

@@ -1,4 +1,4 @@
-"""Train the small MNIST digit classifier used by `ernielab.eval.digits` and write it to the package assets.
+"""Train the small MNIST digit classifier used by `ernielab.worlds.digits` and write it to the package assets.
 
     .venv/bin/python scripts/train_digit_classifier.py            # 75-110 s on one CPU thread
     .venv/bin/python scripts/train_digit_classifier.py --out /tmp/digits.safetensors --epochs 3
@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from ernielab.eval.digits import DEFAULT_WEIGHTS, train_digit_classifier, save_digit_classifier
+from ernielab.worlds.digits import DEFAULT_WEIGHTS, save_digit_classifier, train_digit_classifier
 
 
 def main() -> None:

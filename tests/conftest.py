@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def text_encoder():
-    from ernielab.models.text_encoder import TextEncoder
+    from ernielab.image.text_encoder import TextEncoder
 
     return TextEncoder()
 
@@ -19,9 +19,10 @@ def text_encoder():
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory, text_encoder):
     """A randomly initialised tiny pixel-space pipeline saved to disk (fast to load and sample)."""
-    from ernielab.models.autoencoders import LatentSpaceConfig, build_latent_space
-    from ernielab.models.image import ErnieImageConfig, ErnieImageTransformer
-    from ernielab.pipeline import PipelineConfig, TextToImagePipeline
+    from ernielab.image.config import ErnieImageConfig
+    from ernielab.image.latents import LatentSpaceConfig, build_latent_space
+    from ernielab.image.pipeline import PipelineConfig, TextToImagePipeline
+    from ernielab.image.transformer import ErnieImageTransformer
 
     torch.manual_seed(0)
     model = ErnieImageTransformer(ErnieImageConfig.tiny(in_channels=48, text_in_dim=text_encoder.dim))

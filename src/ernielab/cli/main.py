@@ -8,14 +8,14 @@ from typing import Optional
 
 import typer
 
-from .common import UserError, load_config, run_options, user_errors
+from ernielab.core.cli import UserError, load_config, parse_size, read_prompts, run_options, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ernielab: train, generate with and evaluate ERNIE-family models.")
 
 
 def load_train_config(path: Path, overrides: list[str]):
-    from ..training import TrainConfig
+    from ernielab.image.train import TrainConfig
 
     return load_config(TrainConfig, path, overrides)
 
@@ -27,37 +27,12 @@ def train(config: Path = typer.Argument(..., help="training config JSON (see con
           output_dir: Optional[str] = typer.Option(None, help="override output_dir"),
           fresh: bool = typer.Option(False, help="ignore existing checkpoints (do not resume)")):
     """Train a text-to-image transformer with flow matching (resumes from the latest checkpoint)."""
-    from ..training import Trainer
+    from ernielab.image.train import Trainer
 
     cfg = load_train_config(config, set_)
     cfg = run_options(cfg, output_dir, fresh)
     result = Trainer(cfg).train()
     typer.echo(f"trained to step {result['step']} in {result['elapsed_s']:.0f}s; pipeline at {cfg.output_dir}/pipeline")
-
-
-def read_prompts(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"prompt file not found: {path}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read prompt file {path}: {e}") from None
-    prompts = [line.strip() for line in text.splitlines()]
-    if not any(prompts):
-        raise UserError(f"prompt file {path} has no prompts")
-    return prompts
-
-
-def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
-    if not size:
-        return None, None
-    try:
-        h, w = (int(v) for v in size.lower().split("x")) if "x" in size.lower() else (int(size),) * 2
-    except ValueError:
-        raise UserError(f"--size must look like 32 or 32x48, got {size!r}") from None
-    if h <= 0 or w <= 0:
-        raise UserError(f"--size must be positive, got {size!r}")
-    return h, w
 
 
 @app.command()
@@ -78,8 +53,8 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
              enhancer: Optional[Path] = typer.Option(None, "--enhancer",
                                                      help="enhancer folder (default: bundled; implies --enhance)")):
     """Generate images. One prompt -> one PNG; --prompts FILE -> DIR/0000.png ... and DIR/grid.png."""
-    from ..models.enhancer import PromptEnhancer
-    from ..pipeline import TextToImagePipeline
+    from ernielab.enhancer.model import PromptEnhancer
+    from ernielab.image.pipeline import TextToImagePipeline
 
     if (prompt is None) == (prompts is None):
         raise UserError("give exactly one of PROMPT or --prompts FILE")
@@ -100,7 +75,7 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
             typer.echo(f"revised prompt: {revised[0]}")
         typer.echo(str(output))
         return
-    from ..eval.contact_sheet import save_grid
+    from ernielab.core.images import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
     width_digits = max(4, len(str(len(images) - 1)))
@@ -129,9 +104,9 @@ def eval_(model: Optional[Path] = typer.Option(None, help="pipeline folder (defa
           shift: Optional[float] = typer.Option(None),
           out: Path = typer.Option(Path("outputs/eval"), help="folder for eval.json and contact_sheet.png")):
     """Score a model: FID/KID vs held-out images, prompt alignment; writes JSON + contact sheet."""
-    from ..data.registry import DataConfig
-    from ..eval.evaluate import evaluate
-    from ..pipeline import TextToImagePipeline
+    from ernielab.image.evaluate import evaluate
+    from ernielab.image.pipeline import TextToImagePipeline
+    from ernielab.worlds.registry import DataConfig
 
     pipe = TextToImagePipeline.from_pretrained(model)
     cfg = DataConfig(kind=data, path=data_path, image_size=image_size or pipe.config.height)
@@ -153,7 +128,7 @@ def export(run_dir: Path = typer.Argument(..., help="training output_dir"),
     """Export a training checkpoint as a pipeline folder usable by generate/eval."""
     import torch
 
-    from ..training.trainer import export_checkpoint
+    from ernielab.image.train import export_checkpoint
 
     path = export_checkpoint(run_dir, out, checkpoint, use_ema=not raw, dtype=torch.float16 if half else None)
     typer.echo(str(path))
@@ -163,34 +138,29 @@ def export(run_dir: Path = typer.Argument(..., help="training output_dir"),
 @user_errors
 def info(model: Optional[Path] = typer.Argument(None, help="pipeline folder (default: the bundled model)")):
     """Print a saved pipeline's configuration and parameter count."""
-    from ..pipeline import DEFAULT_MODEL, describe
+    from ernielab.image.pipeline import DEFAULT_MODEL, describe
 
     typer.echo(json.dumps(describe(model or DEFAULT_MODEL), indent=2))
 
 
 def _mount_families() -> None:
-    """Model-family CLIs live in their own modules; mount those that are installed."""
-    import importlib
+    """Each family keeps its commands in <family>/cli.py; this top layer only mounts them."""
+    from ernielab.aesthetic import cli as aesthetic
+    from ernielab.dpo import cli as dpo
+    from ernielab.enhancer import cli as enhancer
+    from ernielab.sparse import cli as sparse
+    from ernielab.turbo import cli as turbo
+    from ernielab.unified import cli as unified
 
-    for name, help_text in [("sparse", "ERNIE-Sparse: hierarchical sparse transformer on LRA tasks"),
-                            ("unified", "ERNIE 5.0-style unified autoregressive MoE"),
-                            ("dpo", "Diffusion-DPO preference alignment: make-pairs, train"),
-                            ("aesthetic", "ERNIE-Image-Aes-style aesthetic scorer: benchmark, train, eval")]:
-        try:
-            module = importlib.import_module(f"ernielab.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"ernielab.cli.{name}":
-                continue
-            raise
-        app.add_typer(module.app, name=name, help=help_text)
+    app.add_typer(sparse.app, name="sparse", help="ERNIE-Sparse: hierarchical sparse transformer on LRA tasks")
+    app.add_typer(unified.app, name="unified", help="ERNIE 5.0-style unified autoregressive MoE")
+    app.add_typer(dpo.app, name="dpo", help="Diffusion-DPO preference alignment: make-pairs, train")
+    app.add_typer(aesthetic.app, name="aesthetic", help="ERNIE-Image-Aes-style aesthetic scorer: benchmark, train, eval")
+    app.command("distill")(turbo.distill)
+    app.command("enhance")(enhancer.enhance)
 
 
 _mount_families()
-
-from .distill import distill as _distill  # noqa: E402
-app.command("distill")(_distill)
-from .enhance import enhance as _enhance  # noqa: E402
-app.command("enhance")(_enhance)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,113 @@
+"""Helpers every `ernielab` sub-command shares: one-line user errors, config files with KEY=VALUE overrides,
+thread count."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def user_errors(fn):
+    """Expected failures (bad files, configs, shapes) become one `error: ...` line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, FileNotFoundError, IsADirectoryError, ValueError, json.JSONDecodeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def parse_value(raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """['model.num_layers=4', 'lr=1e-3'] -> {'model': {'num_layers': 4}, 'lr': 0.001}; values parsed as JSON
+    when they are JSON, kept as strings otherwise."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r} is not KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = parse_value(raw)
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(cls, path, overrides: list[str] = ()):
+    """A Config subclass from a JSON file plus `--set KEY=VALUE` overrides; bad files are UserErrors."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a JSON object")
+    return cls.from_dict(deep_merge(data, parse_sets(list(overrides))))
+
+
+def run_options(cfg, output_dir: str | None, fresh: bool):
+    """Apply the training commands' `--output-dir` and `--fresh` (start over instead of resuming)."""
+    if output_dir:
+        cfg = cfg.replace(output_dir=output_dir)
+    return cfg.replace(resume="") if fresh else cfg
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def read_prompts(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompt file not found: {path}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompt file {path}: {e}") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    if not any(prompts):
+        raise UserError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def parse_size(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    if not size:
+        return None, None
+    try:
+        h, w = (int(v) for v in size.lower().split("x")) if "x" in size.lower() else (int(size),) * 2
+    except ValueError:
+        raise UserError(f"--size must look like 32 or 32x48, got {size!r}") from None
+    if h <= 0 or w <= 0:
+        raise UserError(f"--size must be positive, got {size!r}")
+    return h, w

@@ -1,0 +1,177 @@
+"""Stabilized Diffusion-DPO for flow-matching text-to-image models (preference alignment).
+
+Per pair (prompt, chosen image w, rejected image l), both images get the SAME noise and sigma:
+x_sigma = (1 - sigma) x0 + sigma * noise, and the velocity error err(x0) = mean ||v(x_sigma) - (noise - x0)||^2
+over the latent's elements, for the trained policy (err) and the frozen reference (ref = the initial model).
+
+    delta_w = err(w) - ref(w),  delta_l = err(l) - ref(l)
+    r_w = -beta_eff * delta_w,  r_l = -beta_eff * delta_l   # implicit rewards
+    margin = r_w - r_l = -beta_eff * (delta_w - delta_l)
+    loss = -log sigmoid(margin)                             # Diffusion-DPO (Wallace et al. 2023), velocity form
+         + lambda_win  * beta_eff * err(w)                  # SFT anchor on the chosen image (= -lambda_win r_w + const)
+         + lambda_lose * beta_eff * max(0, delta_l)         # = lambda_lose * max(0, -r_l): the rejected error may
+                                                            #   not run away from the reference
+
+beta_eff = beta * beta_scale, with beta_scale = 1000 = T by default: Diffusion-DPO's beta*T, applied to
+per-element mean errors; the default beta = 0.05 gives beta_eff = 50 and margins of O(1) after ~100 steps.
+
+Why anchors, and why in reward units: the DPO term only sees delta_w - delta_l, so it is happy to raise
+both errors as long as the rejected one rises faster (the known failure where both likelihoods collapse).
+The SFT anchor keeps the chosen error down; the hinge is zero while the rejected image is modelled no worse
+than by the reference (it never pulls the rejected error down) and, once the margin is large enough that
+sigmoid(-margin) < lambda_lose, it outweighs the DPO push and caps the drift. Both anchors are multiplied by
+beta_eff (stated as rewards, the -lambda_win r_w is exact: ref(w) is a constant), so their gradients are
+fixed fractions (0.35, 0.15) of the DPO term's largest one whatever beta or the latent size. Unscaled,
+0.35 * err(w) next to a DPO gradient of beta_eff / 2 = 25 is inert: measured, err(w) more than doubles in
+100 steps (docs/dpo.md); `anchors_in_reward_units=False` keeps that raw form for comparison.
+
+`DPOTrainer` is a `Trainer` (accelerate, bf16, EMA, checkpoints with exact resume, progress bar); it adds
+the frozen reference, the pair batches and the DPO loss, and logs reward accuracy and margins.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ernielab.core.config import Config
+from ernielab.core.metrics import MetricsLog
+from ernielab.dpo.preferences import PreferencePairs
+from ernielab.image.config import ErnieImageConfig
+from ernielab.image.flow_matching import TIMESTEP_SCALE, add_noise, flow_matching_loss, sample_training_sigmas
+from ernielab.image.pipeline import DEFAULT_MODEL, PIPELINE_CONFIG, PipelineConfig
+from ernielab.image.train import TrainConfig, Trainer
+
+
+@dataclasses.dataclass
+class DPOSettings(Config):
+    pairs: str = ""  # pairs.jsonl (see ernielab.dpo.preferences)
+    beta: float = 0.05
+    beta_scale: float = 1000.0  # beta_eff = beta * beta_scale; 1000 = T, as Diffusion-DPO's beta * T
+    lambda_win: float = 0.35  # SFT anchor on the chosen image
+    lambda_lose: float = 0.15  # hinge on the rejected error rising above the reference's
+    anchors_in_reward_units: bool = True  # anchors x beta_eff (see module docstring); False: raw errors
+
+    @property
+    def beta_eff(self) -> float:
+        return self.beta * self.beta_scale
+
+
+@dataclasses.dataclass
+class DPOTrainConfig(TrainConfig):
+    dpo: DPOSettings = dataclasses.field(default_factory=DPOSettings)
+    # fine-tuning defaults: short, small learning rate, no caption dropout (preferences are per prompt)
+    output_dir: str = "runs/dpo"
+    steps: int = 300
+    batch_size: int = 8  # pairs per micro-step (the model sees 2x as many images)
+    lr: float = 1e-5
+    warmup_steps: int = 20
+    ema_decay: float = 0.0
+    cfg_dropout: float = 0.0
+    log_every: int = 10
+    save_every: int = 100
+
+
+def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
+             settings: DPOSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean stabilized DPO loss over pairs (per-pair errors [B]) and detached per-batch statistics."""
+    delta_w, delta_l = err_w - ref_w, err_l - ref_l
+    margin = -settings.beta_eff * (delta_w - delta_l)
+    dpo = -F.logsigmoid(margin)
+    anchor_lose = F.relu(delta_l)
+    if settings.anchors_in_reward_units:  # -r_w and max(0, -r_l): same units as the margin
+        anchors = settings.beta_eff * (settings.lambda_win * delta_w + settings.lambda_lose * anchor_lose)
+    else:  # raw errors: next to beta_eff ~ 50 these barely act (docs/dpo.md)
+        anchors = settings.lambda_win * err_w + settings.lambda_lose * anchor_lose
+    loss = dpo + anchors
+    stats = {"dpo": dpo, "err_w": err_w, "err_l": err_l, "delta_w": delta_w, "delta_l": delta_l,
+             "reward_margin": margin, "reward_acc": (margin > 0).float(), "anchor_lose": anchor_lose}
+    return loss.mean(), {k: v.detach().float().mean() for k, v in stats.items()}
+
+
+def resolve_config(cfg: TrainConfig) -> DPOTrainConfig:
+    """Check what DPO needs, and take model, encoder, latents, size and sampling defaults from the
+    init_from pipeline folder, so a config only names the model, the pairs and the DPO settings."""
+    if not isinstance(cfg, DPOTrainConfig):
+        cfg = DPOTrainConfig.from_dict(cfg.to_dict())
+    if not cfg.init_from:
+        raise ValueError("DPO needs init_from: the pipeline folder of the model to align (also the frozen reference)")
+    if not cfg.dpo.pairs:
+        raise ValueError("DPO needs dpo.pairs: a pairs.jsonl file (make one with `ernielab dpo make-pairs`)")
+    init = DEFAULT_MODEL if cfg.init_from == "default" else Path(cfg.init_from)
+    cfg = cfg.replace(init_from=str(init))
+    if not (init / PIPELINE_CONFIG).is_file():
+        return cfg  # a bare transformer folder: the config must describe it
+    sampling = PipelineConfig.load(init / PIPELINE_CONFIG)
+    raw = json.loads((init / "transformer" / "config.json").read_text())
+    model = cfg.model if "_class_name" in raw else ErnieImageConfig.from_dict(raw)
+    return cfg.replace(model=model, text_encoder=sampling.text_encoder, latent=sampling.latent, sampling=sampling,
+                       data=cfg.data.replace(image_size=sampling.height))
+
+
+class DPOTrainer(Trainer):
+    """Trainer whose batches are preference pairs and whose loss is `dpo_loss` against a frozen reference."""
+
+    def __init__(self, config: TrainConfig, accelerator=None):
+        config = resolve_config(config)
+        super().__init__(config, accelerator)
+        self.dataset = PreferencePairs(config.dpo.pairs, config.data.image_size)
+        self.stats: list[dict[str, torch.Tensor]] = []
+        self.metrics: MetricsLog | None = None
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()  # init_from weights
+        # Built before any resume, so the reference is always the initial model, never a checkpoint.
+        self.reference = copy.deepcopy(model).requires_grad_(False).eval().to(self.accelerator.device)
+        return model
+
+    def prepare_batch(self, batch: dict, g: torch.Generator) -> dict:
+        """Chosen images first, then rejected; the two halves share noise, sigma and text."""
+        cfg, device = self.config, self.accelerator.device
+        n = len(batch["caption"])
+        x0 = self.latent_space.encode(torch.cat([batch["chosen"], batch["rejected"]]).to(device))
+        drop = torch.rand(n, generator=g) < cfg.cfg_dropout
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        text, lens = self.text_encoder(captions + captions, device=device)
+        noise = torch.randn(x0[:n].shape, generator=g).to(device)
+        sigmas = sample_training_sigmas(n, g, cfg.timestep_sampling, cfg.timestep_shift, device)
+        return {"x0": x0, "noise": torch.cat([noise, noise]), "sigmas": torch.cat([sigmas, sigmas]),
+                "text": text, "text_lens": lens, "pairs": n}
+
+    def pair_errors(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image velocity errors of the policy (with grad) and of the reference (without)."""
+        xt = add_noise(inputs["x0"], inputs["noise"], inputs["sigmas"])
+        args = (xt, inputs["sigmas"] * TIMESTEP_SCALE, inputs["text"], inputs["text_lens"])
+        err = flow_matching_loss(model(*args), inputs["x0"], inputs["noise"])
+        with torch.no_grad(), self.accelerator.autocast():  # same compute dtype as the (prepared) policy
+            ref = flow_matching_loss(self.reference(*args), inputs["x0"], inputs["noise"])
+        return err, ref
+
+    def compute_loss(self, model: nn.Module, inputs: dict, step: int) -> torch.Tensor:
+        err, ref = self.pair_errors(model, inputs)
+        n = inputs["pairs"]
+        loss, stats = dpo_loss(err[:n], err[n:], ref[:n], ref[n:], self.config.dpo)
+        self.stats.append(stats)
+        return loss
+
+    # ---- logging: DPO statistics next to the loss, consistent across resumes ---------------------
+    def maybe_resume(self, opt, sched) -> int:
+        step = super().maybe_resume(opt, sched)
+        if self.accelerator.is_main_process:
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", step)
+        return step
+
+    def log(self, record: dict) -> None:
+        if "loss" in record and self.stats:
+            names = list(self.stats[0])
+            local = torch.stack([torch.stack([s[k] for s in self.stats]).mean() for k in names])
+            means = self.accelerator.gather(local[None].to(self.accelerator.device)).mean(0)
+            record = {**record, **dict(zip(names, means.tolist()))}
+            self.stats = []
+        if self.accelerator.is_main_process:
+            (self.metrics or MetricsLog(self.out / "metrics.jsonl", 2**62)).write(record)

@@ -1,9 +1,0 @@
-"""ERNIE-Sparse: hierarchical sparse transformer (HST) classifiers, BigBird and dense baselines, SAR."""
-from .config import ATTENTION_MODES, PRESETS, SparseClassifierConfig
-from .model import PAD_ID, SparseClassifier
-from .sar import classification_loss, symmetric_kl
-
-__all__ = [
-    "ATTENTION_MODES", "PAD_ID", "PRESETS", "SparseClassifier", "SparseClassifierConfig",
-    "classification_loss", "symmetric_kl",
-]

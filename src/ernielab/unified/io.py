@@ -1,0 +1,76 @@
+"""A unified model folder: config.json + model.safetensors, the VQ that decodes its image tokens
+(vq_config.json + vq.safetensors) and meta.json (training step, sub-model origin, ...)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ernielab.unified.config import UnifiedConfig, VQConfig
+from ernielab.unified.model import UnifiedTransformer
+from ernielab.unified.vq import VQTokenizer
+
+MODEL_FILES = ("config.json", "model.safetensors", "vq_config.json", "vq.safetensors")
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_vq(folder: str | Path, vq: VQTokenizer, prefix: str = "vq") -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vq.config.save(folder / f"{prefix}_config.json")
+    save_file(_state(vq), str(folder / f"{prefix}.safetensors"))
+
+
+def load_vq(folder: str | Path, prefix: str = "vq") -> VQTokenizer:
+    folder = Path(folder)
+    cfg_path, weights = folder / f"{prefix}_config.json", folder / f"{prefix}.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{folder} holds no VQ tokenizer ({cfg_path.name} / {weights.name} missing)")
+    vq = VQTokenizer(VQConfig.load(cfg_path))
+    _load_into(vq, weights)
+    return vq.eval()
+
+
+def _load_into(module: torch.nn.Module, path: Path) -> None:
+    try:
+        module.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the config next to them: {str(e).splitlines()[0]}") from None
+
+
+def save_model(folder: str | Path, model: UnifiedTransformer, vq: VQTokenizer, meta: dict | None = None) -> Path:
+    """Write into a temporary folder, then rename: an interrupted save never leaves a broken model."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.config.save(tmp / "config.json")
+    save_file(_state(model), str(tmp / "model.safetensors"))
+    save_vq(tmp, vq)
+    (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def load_model(folder: str | Path) -> tuple[UnifiedTransformer, VQTokenizer, dict]:
+    """(model in eval mode, its VQ tokenizer, meta) from a folder written by save_model."""
+    folder = Path(folder)
+    missing = [f for f in MODEL_FILES if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a unified model folder (missing {', '.join(missing)})")
+    model = UnifiedTransformer(UnifiedConfig.load(folder / "config.json"))
+    _load_into(model, folder / "model.safetensors")
+    vq = load_vq(folder)
+    if vq.config.codebook_size != model.config.codebook_size or vq.config.grid != model.config.image_grid:
+        raise ValueError(f"{folder}: the VQ ({vq.config.codebook_size} codes, grid {vq.config.grid}) does not "
+                         f"match the model ({model.config.codebook_size} codes, grid {model.config.image_grid})")
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return model.eval(), vq, meta

@@ -1,0 +1,129 @@
+"""A small VQ image tokenizer: patch conv encoder -> nearest codebook vector -> conv decoder.
+
+The codebook is learned by exponential moving averages of the encoder outputs assigned to each code
+(online k-means, as in VQ-VAE-2) rather than by a codebook loss; codes that fall out of use are
+restarted on random encoder outputs of the current batch, so a small codebook stays fully used.
+Images are float [B, 3, H, W] in [-1, 1]; codes are int64 [B, grid, grid].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ernielab.unified.config import VQConfig
+
+
+def conv(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+
+
+class EMAQuantizer(nn.Module):
+    def __init__(self, num_codes: int, dim: int, decay: float, dead_after: float = 0.03):
+        super().__init__()
+        self.decay, self.dead_after = decay, dead_after
+        self.register_buffer("embed", torch.randn(num_codes, dim) * 0.1)
+        self.register_buffer("cluster_size", torch.ones(num_codes))
+        self.register_buffer("embed_sum", self.embed.clone())
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """z [N, d] -> nearest code ids [N]."""
+        dist = z.pow(2).sum(1, keepdim=True) - 2 * z @ self.embed.t() + self.embed.pow(2).sum(1)[None]
+        return dist.argmin(1)
+
+    @torch.no_grad()
+    def _update(self, z: torch.Tensor, codes: torch.Tensor) -> None:
+        num_codes = self.embed.shape[0]
+        if not self.initialized:  # start from data, not noise
+            pick = torch.randint(0, z.shape[0], (num_codes,), device=z.device)
+            self.embed.copy_(z[pick])
+            self.embed_sum.copy_(z[pick])
+            self.cluster_size.fill_(1.0)
+            self.initialized.fill_(True)
+            return
+        onehot = F.one_hot(codes, num_codes).to(z.dtype)
+        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(onehot.t() @ z, alpha=1 - self.decay)
+        self.embed.copy_(self.embed_sum / self.cluster_size.clamp_min(1e-5)[:, None])
+        dead = self.cluster_size < self.dead_after
+        if dead.any():
+            pick = torch.randint(0, z.shape[0], (int(dead.sum()),), device=z.device)
+            self.embed[dead] = z[pick]
+            self.embed_sum[dead] = z[pick]
+            self.cluster_size[dead] = 1.0
+
+    def forward(self, z: torch.Tensor, update: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """z [N, d] -> (quantised z with straight-through gradient, codes [N]); update = EMA step."""
+        codes = self.codes(z.detach())
+        if update:
+            self._update(z.detach(), codes)
+            codes = self.codes(z.detach())
+        quant = self.embed[codes]
+        return z + (quant - z).detach(), codes
+
+
+class VQTokenizer(nn.Module):
+    """Patch encoder (one token per patch, 3x3 convs for context at token resolution), EMA codebook, and
+    the mirror decoder ending in a transposed patch convolution. All heavy work happens on the token
+    grid, which keeps training cheap on a CPU."""
+
+    def __init__(self, config: VQConfig):
+        super().__init__()
+        self.config = config
+        c, p = config.hidden, config.patch_size
+        enc: list[nn.Module] = [nn.Conv2d(3, c, p, stride=p)]
+        for _ in range(config.context_layers):
+            enc += [nn.SiLU(), conv(c, c)]
+        enc += [nn.SiLU(), nn.Conv2d(c, config.code_dim, 1)]
+        self.encoder = nn.Sequential(*enc)
+        dec: list[nn.Module] = [nn.Conv2d(config.code_dim, c, 1)]
+        for _ in range(config.context_layers):
+            dec += [nn.SiLU(), conv(c, c)]
+        dec += [nn.SiLU(), nn.Conv2d(c, c, 1), nn.SiLU(), nn.ConvTranspose2d(c, 3, p, stride=p)]
+        self.decoder = nn.Sequential(*dec)
+        self.quantizer = EMAQuantizer(config.codebook_size, config.code_dim, config.ema_decay)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        size = self.config.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+            raise ValueError(f"VQ tokenizer expects images [B, 3, {size}, {size}], got {tuple(images.shape)}")
+
+    def _quantize(self, images: torch.Tensor, update: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._check_images(images)
+        z = self.encoder(images)
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        quant, codes = self.quantizer(flat, update)
+        return flat, quant, codes.view(b, h, w)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> codes [B, grid, grid]."""
+        return self._quantize(images)[2]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, grid, grid] -> images [B, 3, H, W] (unclamped)."""
+        g = self.config.grid
+        if codes.ndim != 3 or codes.shape[1:] != (g, g):
+            raise ValueError(f"VQ decoder expects codes [B, {g}, {g}], got {tuple(codes.shape)}")
+        if codes.min() < 0 or codes.max() >= self.config.codebook_size:
+            raise ValueError(f"code ids must lie in [0, {self.config.codebook_size})")
+        quant = self.quantizer.embed[codes]  # [B, g, g, d]
+        return self.decoder(quant.permute(0, 3, 1, 2))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (reconstruction, {"loss", "recon", "commit", "codes"})."""
+        flat, quant, codes = self._quantize(images, update=self.training)
+        b, g = images.shape[0], self.config.grid
+        recon = self.decoder(quant.view(b, g, g, -1).permute(0, 3, 1, 2))
+        rec_loss = F.mse_loss(recon, images)
+        commit = F.mse_loss(flat, quant.detach())
+        loss = rec_loss + self.config.commitment * commit
+        return recon, {"loss": loss, "recon": rec_loss.detach(), "commit": commit.detach(), "codes": codes}
+
+
+def psnr(recon: torch.Tensor, images: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (after clamping the reconstruction)."""
+    mse = F.mse_loss(recon.clamp(-1, 1), images).item() / 4.0  # [-1, 1] -> [0, 1] scale
+    return float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))

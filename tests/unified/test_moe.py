@@ -1,0 +1,194 @@
+"""MoE layer: dispatch modes, routing inputs, auxiliary-loss-free balancing, expert masks, sub-layers."""
+import inspect
+
+import pytest
+import torch
+
+from ernielab.unified.moe import MoEFeedForward, TopKRouter, balance_stats, expert_load, grouped_matmul
+
+
+def make_moe(dim=16, experts=8, hidden=12, top_k=2, shared=8, seed=0):
+    torch.manual_seed(seed)
+    moe = MoEFeedForward(dim, experts, hidden, top_k, shared_hidden=shared)
+    torch.nn.init.normal_(moe.router.proj.weight, std=0.5)
+    return moe
+
+
+def naive_moe(moe: MoEFeedForward, x: torch.Tensor, top_k=None, expert_mask=None) -> torch.Tensor:
+    """Reference: route, then loop over every token and each of its experts."""
+    index, gate = moe.router(x, top_k, expert_mask)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(index.shape[1]):
+            out[t] += gate[t, slot] * moe.expert_forward(x[t], int(index[t, slot]))
+        if moe.shared is not None:
+            out[t] += moe.shared(x[t])
+    return out
+
+
+DISPATCH = MoEFeedForward.DISPATCH_MODES
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH)
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@torch.no_grad()  # the "kernel" mode is inference-only
+def test_dispatch_equals_per_token_loop(top_k, dispatch):
+    moe = make_moe().eval()
+    moe.dispatch = dispatch
+    x = torch.randn(37, 16)
+    torch.testing.assert_close(moe(x, top_k=top_k), naive_moe(moe, x, top_k), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH)
+def test_dispatch_gradients_match_loop(dispatch):
+    moe = make_moe().eval()
+    moe.dispatch = dispatch
+    x = torch.randn(21, 16, requires_grad=True)
+    if dispatch == "kernel":  # inference-only: asked for under autograd, it refuses instead of falling back
+        with pytest.raises(RuntimeError, match="needs inference"):
+            moe(x)
+        return
+    grads = []
+    for fn in (lambda: moe(x), lambda: naive_moe(moe, x)):
+        moe.zero_grad()
+        x.grad = None
+        fn().pow(2).sum().backward()
+        grads.append((x.grad.clone(), moe.w_gate_up.grad.clone(), moe.w_down.grad.clone(),
+                      moe.router.proj.weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+@torch.no_grad()
+def test_dispatch_modes_agree_on_skewed_masked_routing(tokens):
+    """All modes give the same outputs, including empty experts, one overloaded expert (large padding
+    for "padded") and masked experts."""
+    moe = make_moe(experts=8, top_k=3).eval()
+    moe.router.expert_bias[5] = 10.0  # every token picks expert 5
+    mask = torch.tensor([True, False, True, True, False, True, True, False])
+    x = torch.randn(tokens, 16)
+    outs = {}
+    for mode in DISPATCH:
+        moe.dispatch = mode
+        outs[mode] = moe(x, expert_mask=mask)
+        assert (moe.last_index == 5).any(-1).all()
+    for mode in DISPATCH[1:]:
+        torch.testing.assert_close(outs[mode], outs[DISPATCH[0]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH)
+@torch.no_grad()
+def test_dispatch_applies_each_gate_to_its_own_expert(dispatch):
+    """Explicit (expert, gate) assignments: the result is sum_j gate_j * expert_{index_j}(x); the same
+    gates on swapped experts give a different result, so a mix-up of gates and experts cannot pass."""
+    moe = make_moe(experts=6).eval()
+    moe.dispatch = dispatch
+    x = torch.randn(4, 16)
+    index = torch.tensor([[0, 5], [5, 0], [2, 3], [3, 3]])
+    gate = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.5, 0.5]])
+    expected = torch.stack([sum(g * moe.expert_forward(x[t], int(e)) for e, g in zip(index[t], gate[t]))
+                            for t in range(4)])
+    torch.testing.assert_close(moe.experts(x, index, gate), expected, atol=1e-5, rtol=1e-5)
+    swapped = moe.experts(x, index.flip(1), gate)
+    assert not torch.allclose(swapped[:3], expected[:3], atol=1e-3)
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        moe.dispatch = "dense"
+
+
+def test_unfused_checkpoints_load_into_fused_weights():
+    moe = make_moe()
+    old = {k: v for k, v in moe.state_dict().items() if k != "w_gate_up"}
+    old["w_gate"], old["w_up"] = moe.w_gate.clone(), moe.w_up.clone()  # the pre-fusion layout
+    fresh = make_moe(seed=1)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.w_gate_up, moe.w_gate_up, atol=0, rtol=0)
+
+
+def test_grouped_matmul_with_empty_groups():
+    for width in (8, 5):  # 8 meets grouped_mm's alignment, 5 takes the loop fallback
+        x, w = torch.randn(10, 4), torch.randn(3, 4, width)
+        counts = torch.tensor([4, 0, 6])
+        expected = torch.cat([x[:4] @ w[0], x[4:] @ w[2]])
+        torch.testing.assert_close(grouped_matmul(x, w, counts), expected)
+
+
+def test_router_sees_only_the_token_representation():
+    params = list(inspect.signature(TopKRouter.forward).parameters)
+    assert params == ["self", "x", "top_k", "expert_mask"]
+    moe = make_moe().eval()
+    x = torch.randn(5, 16)
+    # identical hidden states are routed identically wherever they sit in the batch
+    index, _ = moe.router(torch.cat([x, torch.randn(7, 16), x]))
+    assert torch.equal(index[:5], index[-5:])
+
+
+def test_gates_renormalised_and_selection_uses_bias():
+    router = TopKRouter(8, 6, top_k=2).eval()
+    x = torch.randn(50, 8)
+    _, gate = router(x)
+    torch.testing.assert_close(gate.sum(-1), torch.ones(50))
+    router.expert_bias[3] = 10.0  # a large bias forces expert 3 into every selection...
+    index, gate2 = router(x)
+    assert (index == 3).any(-1).all()
+    scores = torch.sigmoid(router.proj(x))
+    # ...but the gate is still the affinity, not affinity + bias
+    torch.testing.assert_close(gate2, scores.gather(-1, index) / scores.gather(-1, index).sum(-1, keepdim=True))
+
+
+def test_bias_update_moves_load_toward_balance():
+    torch.manual_seed(0)
+    router = TopKRouter(8, 8, top_k=2, balance_rate=0.005)
+    x = torch.randn(512, 8)
+    x[:, 0] = 1.0  # a feature every token shares...
+    with torch.no_grad():
+        router.proj.weight.normal_()
+        router.proj.weight[:2, 0] = 2.0  # ...that experts 0 and 1 favour: a skewed start
+
+    def route_and_update():
+        router(x)
+        return balance_stats(router.update_bias())["max_over_mean"]
+
+    router.train()
+    imbalance = [route_and_update() for _ in range(60)]
+    assert imbalance[0] > 1.8 and max(imbalance[-10:]) < 1.2
+    assert router.expert_bias[:2].max() < 0  # the favoured experts were pushed down
+
+
+def test_bias_update_ignores_masked_experts_and_tracks_usage():
+    router = TopKRouter(8, 6, top_k=2).train()
+    mask = torch.tensor([True, True, True, False, True, False])
+    router(torch.randn(64, 8), expert_mask=mask)
+    assert router.gate_mass[~mask].sum() == 0 and router.gate_mass[mask].sum() > 0
+    router.update_bias(mask)
+    assert torch.all(router.expert_bias[~mask] == 0)
+
+
+def test_masked_experts_never_receive_tokens():
+    moe = make_moe(experts=8, top_k=3).eval()
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[[1, 4, 6, 7]] = True
+    x = torch.randn(200, 16)
+    out = moe(x, expert_mask=mask)
+    assert set(moe.last_index.unique().tolist()) <= {1, 4, 6, 7}
+    assert expert_load(moe.last_index, 8)[~mask].sum() == 0
+    torch.testing.assert_close(out, naive_moe(moe, x, expert_mask=mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="experts left by the mask"):
+        moe(x, top_k=5, expert_mask=mask)
+
+
+def test_keep_experts_equals_masked_layer():
+    moe = make_moe(experts=8, top_k=2).eval()
+    keep = torch.tensor([0, 2, 5, 6])
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[keep] = True
+    small = moe.keep_experts(keep).eval()
+    x = torch.randn(40, 16)
+    assert small.num_experts == 4 and small.w_gate.shape[0] == 4 and small.w_gate_up.shape[0] == 4
+    torch.testing.assert_close(small(x), moe(x, expert_mask=mask), atol=1e-6, rtol=1e-6)
+
+
+def test_balance_stats():
+    assert balance_stats(torch.tensor([5, 5, 5, 5]))["max_over_mean"] == pytest.approx(1.0)
+    skew = balance_stats(torch.tensor([12, 0, 0, 0]))
+    assert skew["max_over_mean"] == pytest.approx(4.0) and skew["entropy"] == pytest.approx(0.0)
