@@ -1,5 +1,5 @@
-"""Helpers every `ernielab` sub-command shares: one-line user errors, config files with KEY=VALUE overrides,
-thread count."""
+"""What every `ernielab` command shares: the error contract (one `error: ...` line, exit 2), config files with
+`--set KEY=VALUE` overrides, prompt files, sizes and the thread count."""
 from __future__ import annotations
 
 import functools
@@ -35,19 +35,40 @@ def parse_value(raw: str):
         return raw
 
 
-def parse_sets(pairs: list[str]) -> dict:
-    """['model.num_layers=4', 'lr=1e-3'] -> {'model': {'num_layers': 4}, 'lr': 0.001}; values parsed as JSON
-    when they are JSON, kept as strings otherwise."""
+def _field_kind(cls, parents: list[str], leaf: str):
+    """The declared type of a dotted config field, or None past the configs (inside a dict field)."""
+    import dataclasses
+    import typing
+
+    from ernielab.core.config import Config
+
+    kind = cls
+    for name in [*parents, leaf]:
+        if not (isinstance(kind, type) and issubclass(kind, Config)):
+            return None
+        fields = {f.name for f in dataclasses.fields(kind)}
+        if name not in fields:
+            raise UserError(f"--set {'.'.join([*parents, leaf])}: {kind.__name__} has no field {name!r}")
+        kind = typing.get_type_hints(kind)[name]
+    return kind
+
+
+def parse_sets(pairs: list[str], cls=None) -> dict:
+    """['model.num_layers=4', 'lr=1e-3'] -> {'model': {'num_layers': 4}, 'lr': 0.001}. Values are parsed as
+    JSON, except for text fields of `cls` (so `--set output_dir=2024` stays the text "2024")."""
     out: dict = {}
     for pair in pairs:
-        if "=" not in pair:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key:
             raise UserError(f"--set {pair!r} is not KEY=VALUE")
-        key, raw = pair.split("=", 1)
-        node = out
         *parents, leaf = key.split(".")
+        kind = _field_kind(cls, parents, leaf) if cls is not None else None
+        node = out
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = parse_value(raw)
+            if not isinstance(node, dict):
+                raise UserError(f"--set {pair!r} conflicts with another --set of {p}")
+        node[leaf] = raw if kind in (str, str | None) else parse_value(raw)
     return out
 
 
@@ -59,8 +80,9 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(cls, path, overrides: list[str] = ()):
-    """A Config subclass from a JSON file plus `--set KEY=VALUE` overrides; bad files are UserErrors."""
-    from pathlib import Path
+    """A Config subclass from a JSON file plus `--set KEY=VALUE` overrides; every problem is one UserError
+    naming the file and the field."""
+    from ernielab.core.config import ConfigError
 
     path = Path(path)
     if not path.is_file():
@@ -71,7 +93,11 @@ def load_config(cls, path, overrides: list[str] = ()):
         raise UserError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a JSON object")
-    return cls.from_dict(deep_merge(data, parse_sets(list(overrides))))
+    merged = deep_merge(data, parse_sets(list(overrides), cls))
+    try:
+        return cls.from_dict(merged)
+    except ConfigError as e:
+        raise UserError(f"config file {path}{' with --set' if overrides else ''}: {e}") from None
 
 
 def run_options(cfg, output_dir: str | None, fresh: bool):
