@@ -1,4 +1,14 @@
 """The fused CPU routed-experts kernel (layers/kernels/moe_experts.c) against the torch dispatch."""
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,3 +138,125 @@ def test_build_is_cached_per_source(tmp_path, monkeypatch):
     changed = tmp_path / "moe_experts.c"
     changed.write_text(moe_kernel.SOURCE.read_text() + "\n/* changed */\n")
     assert moe_kernel.build(compiler, changed) != first
+
+
+# The cache runs whatever library it finds under its name, so it must refuse anything it did not build.
+PLANTED_C = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) { FILE *f = fopen(MARKER, "w"); if (f) fclose(f); }
+int ernielab_moe_experts(void) { return 0; } /* "succeeds" without computing anything */
+"""
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """The cache pointed at a fresh folder (fallback temp folders under tmp_path too), `load()` re-run against
+    it, the real cache restored after."""
+    monkeypatch.setenv("ERNIELAB_KERNEL_CACHE", str(tmp_path / "cache" / "kernels"))
+    monkeypatch.delenv("ERNIELAB_NO_KERNELS", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    moe_kernel.load.cache_clear()
+    yield tmp_path / "cache" / "kernels"
+    monkeypatch.undo()
+    moe_kernel.load.cache_clear()
+
+
+def assert_kernel_matches_torch():
+    assert moe_kernel.load() is not None
+    moe = make_moe(16, 8, 12, 2)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        index, gate = moe.router(x)
+        expected = moe.grouped_experts(x, index, gate, base=torch.zeros(5, 16))
+        got = moe_kernel.routed_experts(x, index, gate, moe.w_gate_up, moe.w_down, torch.zeros(5, 16))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def assert_verified(library: Path):
+    record = json.loads(library.with_suffix(".json").read_text())
+    assert record["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest() and library.stat().st_size > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("sidecar", ["missing", "forged", pytest.param("forged, not ours", marks=needs_root),
+                                     "forged, group-writable"])
+def test_planted_library_is_rebuilt_not_loaded(kernel_cache, tmp_path, sidecar):
+    """A library planted under the cache's name never runs (its constructor would leave a marker); the kernel
+    is rebuilt and computes. A sidecar that matches the plant does not help a file we do not own alone."""
+    compiler = moe_kernel._compiler()
+    target = moe_kernel.build(compiler)  # learn the exact name, then replace what is there
+    genuine = json.loads(target.with_suffix(".json").read_text())
+    marker = tmp_path / "planted-ran"
+    (tmp_path / "planted.c").write_text(f"#define MARKER {json.dumps(str(marker))}\n" + PLANTED_C)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "planted.so"), str(tmp_path / "planted.c")],
+                   check=True)
+    subprocess.run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])", str(tmp_path / "planted.so")],
+                   check=True)
+    assert marker.exists()  # the plant works when loaded
+    marker.unlink()
+    for path in kernel_cache.iterdir():
+        path.unlink()
+    shutil.copyfile(tmp_path / "planted.so", target)
+    planted_hash = hashlib.sha256(target.read_bytes()).hexdigest()
+    if sidecar != "missing":
+        forged = planted_hash if "," in sidecar else "0" * 64
+        target.with_suffix(".json").write_text(json.dumps({**genuine, "sha256": forged}))
+    if sidecar == "forged, not ours":
+        os.chown(target, os.geteuid() + 12345, -1)
+    if sidecar == "forged, group-writable":
+        target.chmod(0o664)
+    assert moe_kernel.load() is not None
+    assert not marker.exists()  # the plant never ran
+    assert_kernel_matches_torch()
+    assert hashlib.sha256(target.read_bytes()).hexdigest() != planted_hash
+    assert_verified(target)
+
+
+@needs_kernel
+@pytest.mark.parametrize("damage", ["empty library", "truncated library", "empty sidecar", "corrupt sidecar"])
+def test_damaged_cache_entry_is_rebuilt(kernel_cache, damage):
+    compiler = moe_kernel._compiler()
+    target = moe_kernel.build(compiler)
+    size = target.stat().st_size
+    if damage.endswith("library"):
+        os.truncate(target, 0 if damage == "empty library" else size // 2)
+    else:
+        target.with_suffix(".json").write_text("" if damage == "empty sidecar" else '{"sha256": ')
+    assert moe_kernel.build(compiler) == target
+    assert_verified(target)
+    assert target.stat().st_size == size
+    assert_kernel_matches_torch()
+
+
+@needs_kernel
+def test_cache_folder_and_files_are_private(kernel_cache):
+    target = moe_kernel.build(moe_kernel._compiler())
+    assert target.parent == kernel_cache
+    assert stat.S_IMODE(kernel_cache.stat().st_mode) == 0o700 and kernel_cache.stat().st_uid == os.geteuid()
+    assert stat.S_IMODE(target.with_suffix(".json").stat().st_mode) == 0o600
+    assert not target.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    assert_verified(target)
+
+
+@needs_kernel
+@pytest.mark.parametrize("unsafe", ["group-writable", "world-writable", "sticky world-writable", "symlink",
+                                    pytest.param("not ours", marks=needs_root)])
+def test_unsafe_cache_folder_is_not_used(kernel_cache, tmp_path, unsafe):
+    """Someone else could swap the library in such a folder: build in a private temp folder instead."""
+    real = tmp_path / "elsewhere" if unsafe == "symlink" else kernel_cache
+    real.mkdir(parents=True)
+    if unsafe == "symlink":
+        kernel_cache.parent.mkdir()
+        kernel_cache.symlink_to(real, target_is_directory=True)
+    real.chmod({"group-writable": 0o770, "world-writable": 0o777, "sticky world-writable": 0o1777}.get(unsafe, 0o700))
+    if unsafe == "not ours":
+        os.chown(real, os.geteuid() + 12345, -1)
+    with pytest.warns(UserWarning, match="not private"):
+        target = moe_kernel.build(moe_kernel._compiler())
+    assert not list(real.iterdir())
+    assert target.parent.parent == tmp_path and target.parent.name.startswith("ernielab-kernels-")
+    assert stat.S_IMODE(target.parent.stat().st_mode) == 0o700
+    assert_verified(target)
+    assert_kernel_matches_torch()
+    assert moe_kernel.load() is not None and not list(real.iterdir())

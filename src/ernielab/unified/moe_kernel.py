@@ -3,17 +3,24 @@ loaded with ctypes, used by MoEFeedForward for small inference calls (decoding).
 
 The build goes to a cache folder keyed by the source, the flags and the machine (ERNIELAB_KERNEL_CACHE,
 default ~/.cache/ernielab/kernels), written atomically, so concurrent processes and later runs reuse it.
+A cached library is code we run, so it is trusted only inside a private folder (ours, a real folder, nobody
+else can write; else a fresh temp folder is used) and only when its SHA-256 matches the JSON sidecar written
+with it; anything else (planted, truncated, no sidecar) is rebuilt, never loaded.
 Where no compiler is found or the build fails, `load()` returns None once with a warning and the MoE layer
 keeps its torch dispatch; ERNIELAB_NO_KERNELS=1 turns the kernel off.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -36,21 +43,70 @@ def _compiler() -> str | None:
     return None
 
 
+def _ours(path: Path, kind=stat.S_ISDIR) -> bool:
+    """`path` itself (no symlink followed) is of `kind`, owned by us and writable by nobody else."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return kind(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _private_dir(wanted: Path) -> Path:
+    """`wanted` (created 0700) if it is ours alone, else a private temp folder: anyone who can write into the
+    cache could swap the library we load. Checked on every build; an OSError means the torch dispatch."""
+    with contextlib.suppress(OSError):
+        wanted.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return wanted if _ours(wanted) else _fallback_dir(wanted)
+
+
+@functools.lru_cache(maxsize=None)
+def _fallback_dir(unsafe: Path) -> Path:
+    """One fresh folder per process and unsafe cache (mkdtemp makes it 0700), removed at exit."""
+    fallback = Path(tempfile.mkdtemp(prefix="ernielab-kernels-"))
+    atexit.register(shutil.rmtree, fallback, ignore_errors=True)  # a loaded library stays mapped
+    warnings.warn(f"kernel cache {unsafe} is not private to this user: building into {fallback}", stacklevel=2)
+    return fallback
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(target: Path, record: dict) -> bool:
+    """The library is ours and hashes to what its sidecar (also ours) recorded at build time."""
+    sidecar = target.with_suffix(".json")
+    if not (_ours(target, stat.S_ISREG) and _ours(sidecar, stat.S_ISREG)):
+        return False
+    try:
+        return json.loads(sidecar.read_text()) == {**record, "sha256": _sha256(target)}
+    except (OSError, ValueError):
+        return False
+
+
 def build(compiler: str, source: Path = SOURCE) -> Path:
-    """Compile `source` into the cache (once per source, flags, compiler and machine); returns the .so path."""
+    """Compile `source` into the cache (once per source, flags, compiler and machine); returns the .so path,
+    verified against its sidecar or freshly rebuilt."""
     code = source.read_bytes()
-    key = hashlib.sha256(code + repr((FLAGS, compiler, platform.machine(), platform.node())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
-    if target.exists():
+    record = {"source_sha256": hashlib.sha256(code).hexdigest(), "compiler": compiler, "flags": list(FLAGS),
+              "machine": platform.machine(), "node": platform.node()}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    target = _private_dir(cache_dir()) / f"{source.stem}-{key}.so"
+    if _verified(target, record):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
+        built, sidecar = Path(tmp) / target.name, Path(tmp) / "sidecar.json"
         result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(source), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {source.name}:\n{result.stderr.strip()}")
-        os.replace(built, target)  # atomic: a concurrent build of the same key writes the same bytes
+        built.chmod(0o700)  # whatever the umask, the check above must accept it next time
+        sidecar.write_text(json.dumps({**record, "sha256": _sha256(built)}))
+        sidecar.chmod(0o600)
+        # atomic renames: a concurrent build of the same key writes the same bytes, and a reader seeing
+        # the new library before its sidecar only fails the check and rebuilds
+        os.replace(built, target)
+        os.replace(sidecar, target.with_suffix(".json"))
     return target
 
 
