@@ -107,6 +107,29 @@ def run_options(cfg, output_dir: str | None, fresh: bool):
     return cfg.replace(resume="") if fresh else cfg
 
 
+def add_train_command(app: typer.Typer, config_cls, run, what: str) -> None:
+    """The one training command every family has: `ernielab <family> train CONFIG.json [--set key=value ...]
+    [--output-dir DIR] [--fresh]`. `run(config)` trains through the engine and returns its result dict."""
+
+    @app.command("train", help=f"Train {what} from a JSON config (resumes from the run folder's latest checkpoint).")
+    @user_errors
+    def train(config: Path = typer.Argument(..., help="training config JSON (see configs/)"),
+              set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set steps=100"),
+              output_dir: Optional[str] = typer.Option(None, "--output-dir", help="override output_dir"),
+              fresh: bool = typer.Option(False, "--fresh", help="clear the run folder's checkpoints and start over"),
+              threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)")):
+        cfg = run_options(load_config(config_cls, config, set_), output_dir, fresh)
+        set_threads(threads)
+        typer.echo(train_summary(run(cfg)))
+
+
+def train_summary(result: dict) -> str:
+    line = f"trained to step {result['step']} in {result['elapsed_s']:.0f}s"
+    if result.get("stopped"):
+        return f"{line}; stopped: {result['stopped']}; nothing exported (run the same command again to resume)"
+    return f"{line}; exported to {result['exported']}" if result.get("exported") else line
+
+
 def set_threads(threads: int) -> None:
     if threads > 0:
         import torch

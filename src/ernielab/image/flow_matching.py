@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 TIMESTEP_SCALE = 1000.0
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:

@@ -1,28 +1,25 @@
-"""Flow-matching trainer for text-to-image transformers, on accelerate.
+"""ERNIE-Image's training task: flow matching of a text-to-image transformer, run by the core engine.
 
-One code path for 1 CPU process, N CPU processes (gloo) and N GPUs: launch with
-`accelerate launch` or `torchrun`. Every random draw is seeded by (seed, step, rank), so a resumed
-run continues exactly as an uninterrupted one would.
+One code path for 1 CPU process, N CPU processes (gloo) and N GPUs: launch with `accelerate launch` or
+`torchrun`. Every random draw is seeded by (seed, step, micro, rank), so a resumed run continues exactly as an
+uninterrupted one would. Variants (DPO, ViLG's experts and knowledge, distillation) subclass `Trainer` and
+override its hooks: `build_model`, `prepare_batch`, `compute_loss`, `shipped_pipeline`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ernielab.core.config import Config
-from ernielab.core.ema import EMA
-from ernielab.core.schedules import lr_factor
+from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint
+from ernielab.core.config import bounded
+from ernielab.core.engine import Engine, EngineSettings, Task
 from ernielab.core.seeding import generator
 from ernielab.image.config import ErnieImageConfig
-from ernielab.image.flow_matching import TIMESTEP_SCALE, add_noise, flow_matching_loss, sample_training_sigmas
+from ernielab.image.flow_matching import (TIMESTEP_SAMPLING, TIMESTEP_SCALE, add_noise, flow_matching_loss,
+                                          sample_training_sigmas)
 from ernielab.image.latents import LatentSpaceConfig, build_latent_space
 from ernielab.image.pipeline import PipelineConfig, TextToImagePipeline
 from ernielab.image.text_encoder import TextEncoder, TextEncoderConfig
@@ -31,34 +28,17 @@ from ernielab.worlds.registry import DataConfig, build_dataset, collate
 
 
 @dataclasses.dataclass
-class TrainConfig(Config):
+class TrainConfig(EngineSettings):
     model: ErnieImageConfig = dataclasses.field(default_factory=ErnieImageConfig.small)
     text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     latent: LatentSpaceConfig = dataclasses.field(default_factory=LatentSpaceConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     sampling: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)  # defaults saved with the model
-    output_dir: str = "runs/default"
-    steps: int = 1000
-    batch_size: int = 32  # per process, per micro-step
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    lr_schedule: str = "constant"  # "constant" | "cosine"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
-    ema_decay: float = 0.999
-    cfg_dropout: float = 0.1  # caption replaced by "" so the model learns the unconditional velocity for CFG
-    timestep_sampling: str = "logit_normal"
-    timestep_shift: float = 1.0
-    seed: int = 0
-    log_every: int = 20
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # "auto": latest checkpoint in output_dir; "": start fresh; else a checkpoint path
+    ema_decay: float = bounded(0.999, ge=0, lt=1)
+    cfg_dropout: float = bounded(0.1, ge=0, le=1)  # caption -> "" so the model learns the unconditional velocity
+    timestep_sampling: str = bounded("logit_normal", choices=TIMESTEP_SAMPLING)
+    timestep_shift: float = bounded(1.0, gt=0)
     init_from: str = ""  # fine-tune: start a fresh run from the weights of a pipeline or transformer folder
-    max_minutes: float = 0.0  # >0: stop (and save) after this wall time
-    num_workers: int = 0
     gradient_checkpointing: bool = False
 
 
@@ -68,45 +48,38 @@ def pipeline_config(cfg: TrainConfig) -> PipelineConfig:
                                 height=cfg.data.image_size, width=cfg.data.image_size)
 
 
-class StepBatchSampler(torch.utils.data.Sampler):
-    """Endless batches; batch k of process r is a function of (seed, k, r) alone, so resuming is exact."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0):
-        self.n, self.batch_size, self.seed, self.start, self.rank = n, batch_size, seed, start, rank
-
-    def __iter__(self):
-        k = self.start
-        while True:
-            g = generator("batch", self.seed, k, self.rank)
-            yield torch.randint(self.n, (self.batch_size,), generator=g).tolist()
-            k += 1
-
-    def __len__(self):  # endless; DataLoader only needs it for len()
-        return 2**62
+def batch_indices(n: int, batch_size: int, seed: int, k: int, rank: int = 0) -> list[int]:
+    """Batch k of process `rank`: a function of (seed, k, rank) alone, so resuming is exact."""
+    return torch.randint(n, (batch_size,), generator=generator("batch", seed, k, rank)).tolist()
 
 
-class Trainer:
-    """Override `build_model` / `compute_loss` to train variants (experts, knowledge-enhanced losses)."""
+class Trainer(Task):
+    """Flow matching on an image-caption dataset; `train()` runs it through the engine and ships a pipeline."""
+
+    export_name = "pipeline"
 
     def __init__(self, config: TrainConfig, accelerator=None):
-        from accelerate import Accelerator
-
+        config.validate()
         self.config = cfg = config
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-            cpu=not torch.cuda.is_available(),
-        )
-        self.rank = self.accelerator.process_index
+        self.accelerator = accelerator
         self.out = Path(cfg.output_dir)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every process
         self.text_encoder = TextEncoder(cfg.text_encoder)
-        self.latent_space = build_latent_space(cfg.latent).to(self.accelerator.device)
+        self.latent_space = build_latent_space(cfg.latent)
         self.check_shapes()
         self.dataset = build_dataset(cfg.data)
-        self.model = self.build_model()
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.model: nn.Module | None = None
+
+    def train(self) -> dict:
+        return Engine(self, self.accelerator).fit()
 
     # ---- hooks -------------------------------------------------------------------------------
+    def build(self) -> dict[str, nn.Module]:
+        self.accelerator = self.engine.accelerator
+        self.rank = self.accelerator.process_index
+        self.latent_space.to(self.accelerator.device)
+        self.model = self.build_model()
+        return {"model": self.model}
+
     def build_model(self) -> nn.Module:
         model = ErnieImageTransformer(self.config.model)
         model.gradient_checkpointing = self.config.gradient_checkpointing
@@ -135,6 +108,13 @@ class Trainer:
     def generator(self, step: int, micro: int = 0) -> torch.Generator:
         return generator("noise", self.config.seed, step, micro, self.rank)
 
+    def batch(self, step: int, micro: int) -> dict:
+        cfg = self.config
+        k = step * cfg.grad_accum + micro
+        items = collate([self.dataset[i] for i in batch_indices(len(self.dataset), cfg.batch_size, cfg.seed, k,
+                                                                 self.rank)])
+        return self.prepare_batch(items, self.generator(step, micro))
+
     def prepare_batch(self, batch: dict, g: torch.Generator) -> dict:
         """Latents, noise, noise levels and text features for one micro-batch."""
         cfg, device = self.config, self.accelerator.device
@@ -148,139 +128,24 @@ class Trainer:
         return {**batch, "x0": x0, "noise": noise, "sigmas": sigmas, "text": text, "text_lens": lens,
                 "captions_used": captions, "dropped": drop}
 
+    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.compute_loss(model, batch, step), {}
+
     def compute_loss(self, model: nn.Module, inputs: dict, step: int) -> torch.Tensor:
         xt = add_noise(inputs["x0"], inputs["noise"], inputs["sigmas"])
         pred = model(xt, inputs["sigmas"] * TIMESTEP_SCALE, inputs["text"], inputs["text_lens"])
         return flow_matching_loss(pred, inputs["x0"], inputs["noise"]).mean()
 
-    # ---- main loop ---------------------------------------------------------------------------
-    def train(self) -> dict:
-        cfg, acc = self.config, self.accelerator
-        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
-        step = self.maybe_resume(opt, sched)
-        model, opt = acc.prepare(self.model, opt)
-        loader = DataLoader(self.dataset, collate_fn=collate, num_workers=cfg.num_workers,
-                            batch_sampler=StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed,
-                                                           start=step * cfg.grad_accum, rank=self.rank))
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / "train_config.json")
-        bar = tqdm(total=cfg.steps, initial=step, disable=not acc.is_local_main_process, desc="train")
-        t0, last_log, micro, samples, losses = time.time(), time.time(), 0, 0, []
-        model.train()
-        for batch in loader:
-            if step >= cfg.steps:
-                break
-            with acc.accumulate(model):
-                inputs = self.prepare_batch(batch, self.generator(step, micro))
-                loss = self.compute_loss(model, inputs, step)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.grad_clip > 0:
-                    acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            micro += 1
-            samples += len(batch["caption"]) * acc.num_processes
-            losses.append(loss.detach().float())
-            if not acc.sync_gradients:
-                continue
-            micro = 0
-            step += 1
-            sched.step()
-            if self.ema is not None:
-                self.ema.update(acc.unwrap_model(model), step)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = acc.gather(torch.stack(losses).mean()[None]).mean().item()
-                rate = samples / (time.time() - last_log)
-                self.log({"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0],
-                          "samples_per_s": rate, "elapsed_s": time.time() - t0})
-                bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{rate:.1f}")
-                losses, samples, last_log = [], 0, time.time()
-            out_of_time = self.out_of_time(t0)
-            if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
-                self.save(step, opt, sched)
-            if out_of_time:
-                break
-        bar.close()
-        in_sync = self.replicas_in_sync(acc.unwrap_model(model))
-        self.log({"step": step, "done": True, "world_size": acc.num_processes, "replicas_in_sync": in_sync})
-        if not in_sync:
-            raise RuntimeError("model replicas diverged across processes (gradients were not synchronised)")
-        if acc.is_main_process:
-            self.export_pipeline(self.out / "pipeline")
-        acc.wait_for_everyone()
-        return {"step": step, "elapsed_s": time.time() - t0}
-
-    def out_of_time(self, t0: float) -> bool:
-        """`max_minutes` reached on any process (all ranks must stop at the same step)."""
-        late = self.config.max_minutes > 0 and time.time() - t0 > 60 * self.config.max_minutes
-        return bool(self.accelerator.reduce(torch.tensor([float(late)]), "max").item())
-
-    def replicas_in_sync(self, model: nn.Module) -> bool:
-        """Data-parallel replicas must hold bit-identical weights; compare a checksum across processes."""
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
-        sums = self.accelerator.gather(checksum.to(self.accelerator.device))
-        return bool((sums == sums[0]).all())
-
-    # ---- persistence -------------------------------------------------------------------------
-    def log(self, record: dict) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def save(self, step: int, opt, sched) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:
-            state = acc.unwrap_model(self.model).state_dict()
-            save_checkpoint(self.out, step, state, self.ema.state_dict() if self.ema else None, opt, sched,
-                            self.config.to_dict(), keep=self.config.keep_checkpoints)
-        acc.wait_for_everyone()
-
-    def maybe_resume(self, opt, sched) -> int:
-        cfg = self.config
-        if not cfg.resume:
-            return 0
-        path = latest_checkpoint(self.out) if cfg.resume == "auto" else Path(cfg.resume)
-        if path is None:
-            return 0
-        ckpt = load_checkpoint(path)
-        self.check_resumable(ckpt, path)
-        self.model.load_state_dict(ckpt["model"])
-        if self.ema is not None and ckpt["ema"] is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optim"]["optimizer"])
-        sched.load_state_dict(ckpt["optim"]["scheduler"])
-        if self.accelerator.is_main_process:
-            print(f"resumed from {path} at step {ckpt['step']}")
-        return ckpt["step"]
-
-    def check_resumable(self, ckpt: dict, path: Path) -> None:
-        """Refuse, before anything is loaded, a checkpoint this run cannot continue."""
-        if type(self.config.model).from_dict(ckpt["config"].get("model", {}), strict=False) != self.config.model:
-            raise ValueError(f"checkpoint {path} was trained with a different model config; "
-                             f"use a new output_dir or resume=''")
-
-    def final_model(self) -> nn.Module:
-        """The weights to ship: EMA if kept, else the raw model."""
-        model = self.accelerator.unwrap_model(self.model)
-        if self.ema is None:
-            return model
-        import copy
-
-        shipped = copy.deepcopy(model)
-        self.ema.copy_to(shipped)
-        return shipped
-
-    def shipped_pipeline(self) -> TextToImagePipeline:
+    # ---- what the run ships ------------------------------------------------------------------
+    def shipped_pipeline(self, model: nn.Module) -> TextToImagePipeline:
         """The pipeline a finished run exports (a hook: distillation adds its finisher)."""
-        sampling = pipeline_config(self.config)
-        return TextToImagePipeline(self.final_model().float().eval(), self.text_encoder, self.latent_space, sampling)
+        return TextToImagePipeline(model.float().eval(), self.text_encoder, self.latent_space,
+                                   pipeline_config(self.config))
 
-    def export_pipeline(self, path: Path, dtype: torch.dtype | None = None) -> None:
-        self.shipped_pipeline().save_pretrained(path, dtype=dtype)
+    def export(self, model: nn.Module, run_dir: Path) -> Path:
+        out = run_dir / self.export_name
+        self.shipped_pipeline(model).save_pretrained(out)
+        return out
 
 
 def export_checkpoint(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
@@ -290,16 +155,15 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, checkpoint: str | Pa
     cfg_file = run_dir / "train_config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (train_config.json missing)")
-    cfg = TrainConfig.load(cfg_file)
+    cfg = TrainConfig.load(cfg_file, strict=False)
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"no checkpoints in {run_dir}")
-    ckpt = load_checkpoint(path)
+    modules = load_checkpoint(path)["modules"]
     model = ErnieImageTransformer(cfg.model)
-    state = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
+    state = modules["ema"] if use_ema and "ema" in modules else modules["model"]
     model.load_state_dict_checked({k: v.to(torch.float32) for k, v in state.items()})
-    sampling = pipeline_config(cfg)
     out = Path(out)
     model.save_pretrained(out / "transformer", dtype=dtype)
-    sampling.save(out / "pipeline.json")
+    pipeline_config(cfg).save(out / "pipeline.json")
     return out
