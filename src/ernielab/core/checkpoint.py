@@ -113,7 +113,7 @@ def save_checkpoint(output_dir: str | Path, step: int, modules: dict[str, dict[s
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """-> {"step", "config", "modules": {name: tensors}, "states": {name: nested}}; a damaged checkpoint is a
+    """-> {"step", "config", "modules": {name: tensors}, "states": {name: nested}, "path"}; a damaged checkpoint is a
     ValueError naming the folder."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
@@ -122,6 +122,7 @@ def load_checkpoint(path: str | Path) -> dict:
         meta = json.loads((path / STATE_FILE).read_text())
         modules = {name: load_file(str(path / f"{name}.safetensors")) for name in meta["modules"]}
         states = unflatten_state(meta["states"], load_file(str(path / STATE_TENSORS)))
-        return {"step": int(meta["step"]), "config": meta["config"], "modules": modules, "states": states}
+        return {"step": int(meta["step"]), "config": meta["config"], "modules": modules, "states": states,
+                "path": path}
     except (OSError, KeyError, TypeError, ValueError, SafetensorError) as e:
         raise ValueError(f"checkpoint {path} is damaged or from an older ernielab: {e}") from None

@@ -57,8 +57,8 @@ class EngineSettings(Config):
     resume: str = "auto"  # "auto": latest checkpoint in output_dir; "": start fresh (clears the run); or a path
 
 
-class RunInUse(RuntimeError):
-    pass
+class RunInUse(ValueError):
+    """Another process is writing the run folder (a user error: one line, exit 2)."""
 
 
 class RunLock:
@@ -338,8 +338,7 @@ class Engine:
         sched.load_state_dict(states["scheduler"])
         self.task.load_state(states.get("task", {}))
         if self.accelerator.is_main_process:
-            print(f"resumed from {checkpoint['path'] if 'path' in checkpoint else self.run_dir} at step "
-                  f"{checkpoint['step']}")
+            print(f"resumed from {checkpoint['path']} at step {checkpoint['step']}")
         return checkpoint["step"]
 
     def save(self, step: int, modules: dict[str, nn.Module], ema: EMA | None, opt, sched) -> None:
