@@ -64,10 +64,10 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
     height, width = parse_size(size)
     prompt_enhancer = PromptEnhancer.from_pretrained(enhancer) if enhance or enhancer else None
     pipe = TextToImagePipeline.from_pretrained(model)
-    images = pipe(texts, seed=seed, steps=steps, guidance_scale=guidance, shift=shift, height=height,
+    result = pipe(texts, seed=seed, num_inference_steps=steps, guidance_scale=guidance, shift=shift, height=height,
                   width=width, negative_prompt=negative, batch_size=batch_size, progress=True,
-                  enhance=prompt_enhancer)
-    revised = pipe.revised_prompts
+                  enhancer=prompt_enhancer)
+    images, revised = result.images, result.revised_prompts
     if prompts is None:
         output.parent.mkdir(parents=True, exist_ok=True)
         images[0].save(output)

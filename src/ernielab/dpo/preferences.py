@@ -175,11 +175,11 @@ def _jsonable(score: Any) -> Any:
 
 
 def make_pairs(pipe, prompts: list[str], out_dir: str | Path, judge: Judge | None = None, candidates: int = 4,
-               seed: int = 0, prompts_per_batch: int = 8, progress: bool = True, **generate_kwargs) -> dict:
+               seed: int = 0, prompts_per_batch: int = 8, progress: bool = True, **sampling) -> dict:
     """Generate `candidates` images per prompt (candidate c of prompt i uses noise seed
-    seed + i * candidates + c), judge them, and write chosen/rejected PNGs + pairs.jsonl to out_dir."""
-    from ernielab.core.images import to_uint8
+    seed + i * candidates + c), judge them, and write chosen/rejected PNGs + pairs.jsonl to out_dir.
 
+    `sampling`: keyword arguments of the pipeline call (num_inference_steps, guidance_scale, shift, ...)."""
     if candidates < 2:
         raise ValueError(f"need at least 2 candidates per prompt, got {candidates}")
     if not prompts:
@@ -193,8 +193,8 @@ def make_pairs(pipe, prompts: list[str], out_dir: str | Path, judge: Judge | Non
         chunk = prompts[start : start + prompts_per_batch]
         repeated = [p for p in chunk for _ in range(candidates)]
         # pipeline seeds image j with seed0 + j, so seed0 = seed + start*K gives candidate_seed() per image
-        images = to_uint8(pipe.generate(repeated, seed=seed + start * candidates,
-                                        batch_size=len(repeated), **generate_kwargs))
+        images = pipe(repeated, seed=seed + start * candidates, batch_size=len(repeated), output_type="np",
+                      **sampling).images
         scores = judge(repeated, images)
         for j, prompt in enumerate(chunk):
             i = start + j

@@ -54,9 +54,10 @@ def evaluate(pipe: TextToImagePipeline, data: DataConfig, n_fid: int = 500, n_al
              batch_size: int = 50, out_dir: str | Path | None = None, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    gen = dict(steps=steps, guidance_scale=guidance_scale, shift=shift, batch_size=batch_size,
-               height=data.image_size, width=data.image_size)
-    report: dict = {"data": data.to_dict(), "sampling": {k: v for k, v in gen.items() if v is not None}}
+    sampling = dict(num_inference_steps=steps, guidance_scale=guidance_scale, shift=shift, batch_size=batch_size,
+                    height=data.image_size, width=data.image_size)
+    reported = dict(steps=steps, **{k: v for k, v in sampling.items() if k != "num_inference_steps"})
+    report: dict = {"data": data.to_dict(), "sampling": {k: v for k, v in reported.items() if v is not None}}
 
     timing = {"images": 0, "seconds": 0.0}
 
@@ -64,7 +65,8 @@ def evaluate(pipe: TextToImagePipeline, data: DataConfig, n_fid: int = 500, n_al
         chunks = []
         t = time.time()
         for start in tqdm(range(0, len(prompts), batch_size), desc=label, disable=not progress):
-            chunks.append(pipe.generate(prompts[start : start + batch_size], seed=seed0 + start, **gen))
+            chunks.append(pipe(prompts[start : start + batch_size], seed=seed0 + start, output_type="pt",
+                               **sampling).images)
         timing["images"] += len(prompts)
         timing["seconds"] += time.time() - t
         return torch.cat(chunks)

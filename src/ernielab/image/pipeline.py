@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from ernielab.core.config import Config
-from ernielab.core.images import to_pil
+from ernielab.core.images import to_pil, to_uint8
 from ernielab.image.config import check_interchangeable
 from ernielab.image.latents import LatentSpaceConfig, build_latent_space
 from ernielab.image.registry import load_transformer
@@ -25,6 +29,8 @@ from ernielab.image.transformer import ErnieImageTransformer
 PIPELINE_CONFIG = "pipeline.json"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "default"
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SIDE = 4096  # pixels; a larger height or width is refused as a mistake
 
 
 @dataclasses.dataclass
@@ -38,6 +44,21 @@ class PipelineConfig(Config):
     shift: float = 4.0
     negative_prompt: str = ""
     finisher_steps: int = 0  # last steps run by finisher/ (no CFG); 0 = none
+
+
+@dataclasses.dataclass
+class ImagePipelineOutput:
+    """What `TextToImagePipeline.__call__` returns (as diffusers' `ErnieImagePipelineOutput`, plus the seeds).
+
+    images: by `output_type`: a list of PIL images ("pil"), uint8 [N, H, W, 3] ("np"), float [N, 3, H, W] in
+        [-1, 1] ("pt") or the final latents [N, C, h, w] before decoding ("latent").
+    revised_prompts: the prompts the images were drawn from (the enhancer's rewrites, else the prompts given).
+    seeds: the noise seed of each image (seed + i); None for each image when `latents` were passed instead.
+    """
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    revised_prompts: list[str]
+    seeds: list[int | None]
 
 
 class TextToImagePipeline:
@@ -111,28 +132,79 @@ class TextToImagePipeline:
         return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
     @torch.no_grad()
-    def generate(self, prompts: list[str] | str, *, negative_prompt: str | None = None, height: int | None = None,
-                 width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
-                 shift: float | None = None, seed: int = 0, batch_size: int = 16, progress: bool = False,
-                 latents: torch.Tensor | None = None, enhance=None) -> torch.Tensor:
-        """-> images [N, 3, H, W] in [-1, 1].
+    def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | None = None, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, shift: float | None = None, seed: int = 0,
+                 batch_size: int = 16, latents: torch.Tensor | None = None, enhancer=None,
+                 output_type: str = "pil", progress: bool = False) -> ImagePipelineOutput:
+        """Draw one image per prompt; image i starts from the noise of seed `seed + i` (see `initial_noise`).
 
-        `enhance`: an optional `models.enhancer.PromptEnhancer`; prompt i is rewritten with seed + i
-        before encoding. The prompts actually drawn from are kept in `self.revised_prompts`.
+        None for a sampling argument means the pipeline's own setting (`self.config`). `latents`: the starting
+        noise [N, C, h, w] instead of the seeded one. `enhancer`: an optional `enhancer.model.PromptEnhancer`;
+        prompt i is rewritten with seed + i before encoding, and the output's `revised_prompts` are the prompts
+        actually drawn from. `output_type`: "pil" (list of PIL images), "np" (uint8 [N, H, W, 3]), "pt" (float
+        [N, 3, H, W] in [-1, 1]) or "latent" (the final latents, not decoded). Every argument is checked before
+        any work; a bad one raises ValueError.
         """
         cfg = self.config
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompts given")
-        height, width = height or cfg.height, width or cfg.width
-        steps = steps or cfg.steps
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be strings")
+        negative = cfg.negative_prompt if negative_prompt is None else negative_prompt
+        if not isinstance(negative, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(negative).__name__}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+        height = cfg.height if height is None else height
+        width = cfg.width if width is None else width
+        steps = cfg.steps if num_inference_steps is None else num_inference_steps
         guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
         shift = cfg.shift if shift is None else shift
-        negative = cfg.negative_prompt if negative_prompt is None else negative_prompt
-        if enhance is not None:
-            prompts = enhance.enhance_many(prompts, width=width, height=height, seed=seed, progress=progress)
-        self.revised_prompts = list(prompts)
+        _check_int("num_inference_steps", steps, 1)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("seed", seed)
+        for name, side in (("height", height), ("width", width)):
+            _check_int(name, side, 1)
+            if side > MAX_SIDE:
+                raise ValueError(f"{name} must be at most {MAX_SIDE} pixels, got {side}")
+        latent_shape = tuple(self.latent_space.latent_shape(height, width))  # raises unless a multiple it can use
+        for name, value in (("guidance_scale", guidance_scale), ("shift", shift)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        if latents is not None:
+            expected = (len(prompts), *latent_shape)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"latents must be a tensor of shape {expected} ({len(prompts)} prompts at "
+                                 f"{height}x{width}), got {got}")
+
+        if enhancer is not None:
+            prompts = enhancer.enhance_many(prompts, width=width, height=height, seed=seed, progress=progress)
         noise = latents if latents is not None else self.initial_noise(len(prompts), height, width, seed)
+        out = self._denoise(prompts, noise, negative=negative, steps=steps, guidance_scale=guidance_scale,
+                            shift=shift, batch_size=batch_size, progress=progress,
+                            decode=output_type != "latent")
+        if output_type == "pil":
+            images = to_pil(out)
+        elif output_type == "np":
+            images = to_uint8(out)
+        else:  # "pt": decoded images; "latent": the final latents
+            images = out
+        seeds = [seed + i for i in range(len(prompts))] if latents is None else [None] * len(prompts)
+        return ImagePipelineOutput(images=images, revised_prompts=list(prompts), seeds=seeds)
+
+    @torch.no_grad()
+    def _denoise(self, prompts: list[str], noise: torch.Tensor, *, negative: str, steps: int, guidance_scale: float,
+                 shift: float, batch_size: int, progress: bool = False, decode: bool = True) -> torch.Tensor:
+        """Checked arguments -> images [N, 3, H, W] in [-1, 1] (float32, CPU), or the final latents (float32, CPU)
+        when not `decode`. Batches of `batch_size` prompts; the finisher, if any, takes the last steps without CFG."""
+        cfg = self.config
         sigmas = sigma_schedule(steps, shift)
         dtype = next(self.transformer.parameters()).dtype
         out = []
@@ -146,11 +218,15 @@ class TextToImagePipeline:
             x = euler_sample(denoiser, x, sigmas[: split + 1], progress=progress and len(prompts) <= batch_size)
             if split < len(sigmas) - 1:
                 x = euler_sample(cfg_denoiser(self.finisher, cond, uncond, 1.0), x, sigmas[split:])
-            out.append(self.latent_space.decode(x.float()).cpu())
+            out.append((self.latent_space.decode(x.float()) if decode else x.float()).cpu())
         return torch.cat(out)
 
-    def __call__(self, prompts, **kwargs) -> list[Image.Image]:
-        return to_pil(self.generate(prompts, **kwargs))
+
+def _check_int(name: str, value, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def describe(path: str | Path) -> dict:
