@@ -55,11 +55,11 @@ def test_bad_inputs(tiny_pipeline_dir, tmp_path):
     assert not (tmp_path / "x.png").exists()
     assert_clean_error(run("generate", "a", "--size", "big", "--model", tiny_pipeline_dir), "--size")
     assert_clean_error(run("generate", "--model", tiny_pipeline_dir), "exactly one of")
-    assert_clean_error(run("train", tmp_path / "none.json"), "config file not found")
+    assert_clean_error(run("image", "train", tmp_path / "none.json"), "config file not found")
     (tmp_path / "bad.json").write_text("{not json")
-    assert_clean_error(run("train", tmp_path / "bad.json"), "not valid JSON")
+    assert_clean_error(run("image", "train", tmp_path / "bad.json"), "not valid JSON")
     (tmp_path / "typo.json").write_text(json.dumps({"stepz": 3}))
-    assert_clean_error(run("train", tmp_path / "typo.json"), "unknown config keys")
+    assert_clean_error(run("image", "train", tmp_path / "typo.json"), "unknown config keys")
 
 
 def test_train_cli_with_overrides(tmp_path):
@@ -67,7 +67,19 @@ def test_train_cli_with_overrides(tmp_path):
                      "in_channels": 48, "out_channels": 48, "text_in_dim": 384, "rope_axes_dim": [4, 6, 6]},
            "steps": 100, "batch_size": 2, "log_every": 1, "save_every": 2}
     (tmp_path / "c.json").write_text(json.dumps(cfg))
-    res = run("train", tmp_path / "c.json", "--set", "steps=2", "--output-dir", tmp_path / "run")
+    res = run("image", "train", tmp_path / "c.json", "--set", "steps=2", "--output-dir", tmp_path / "run")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["steps"] == 2
     assert (tmp_path / "run" / "pipeline" / "pipeline.json").is_file()
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    from ernielab.core.cli import load_config
+    from ernielab.image.train import TrainConfig
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "image").glob("*.json"))
+    assert len(configs) >= 4
+    for path in configs:
+        load_config(TrainConfig, path)

@@ -6,7 +6,7 @@ from ernielab.cli.main import app
 
 
 def test_eval_command_writes_report_and_sheet(tiny_pipeline_dir, tmp_path):
-    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_pipeline_dir), "--n-fid", "6", "--n-align", "3",
+    res = CliRunner().invoke(app, ["image", "eval", "--model", str(tiny_pipeline_dir), "--n-fid", "6", "--n-align", "3",
                                    "--steps", "2", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "eval.json").read_text())

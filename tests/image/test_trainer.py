@@ -68,7 +68,7 @@ def test_two_process_gloo(tmp_path):
     cfg.save(tmp_path / "cfg.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "ernielab.cli.main", "train", str(tmp_path / "cfg.json")]
+           "-m", "ernielab.cli.main", "image", "train", str(tmp_path / "cfg.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""`ernielab` command line: train, generate, eval, info (+ family sub-commands)."""
+"""`ernielab`: the top layer. It mounts each family's commands (<family>/cli.py) and holds `generate`, which
+joins the image pipeline with the prompt enhancer."""
 from __future__ import annotations
 
 import json
@@ -6,33 +7,42 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from ernielab.core.cli import UserError, load_config, parse_size, read_prompts, run_options, user_errors
+from ernielab.core.cli import (UserError, check_output_dir, check_output_file, parse_size, read_prompts,
+                               user_errors)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a missing argument, a number that is not a number) follow the error contract too: one line
+    `error: ...` and exit code 2, instead of a usage box."""
+
+    def main(self, *args, **kwargs):
+        from typer._click import exceptions  # typer's own copy of click's exceptions
+
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except exceptions.NoArgsIsHelpError as e:
+            click.echo(e.format_message())
+            sys.exit(0)
+        except exceptions.UsageError as e:
+            where = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(2)
+        except exceptions.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except (KeyboardInterrupt, EOFError):
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ernielab: train, generate with and evaluate ERNIE-family models.")
-
-
-def load_train_config(path: Path, overrides: list[str]):
-    from ernielab.image.train import TrainConfig
-
-    return load_config(TrainConfig, path, overrides)
-
-
-@app.command()
-@user_errors
-def train(config: Path = typer.Argument(..., help="training config JSON (see configs/)"),
-          set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set steps=100"),
-          output_dir: Optional[str] = typer.Option(None, help="override output_dir"),
-          fresh: bool = typer.Option(False, help="ignore existing checkpoints (do not resume)")):
-    """Train a text-to-image transformer with flow matching (resumes from the latest checkpoint)."""
-    from ernielab.image.train import Trainer
-
-    cfg = load_train_config(config, set_)
-    cfg = run_options(cfg, output_dir, fresh)
-    result = Trainer(cfg).train()
-    typer.echo(f"trained to step {result['step']} in {result['elapsed_s']:.0f}s; pipeline at {cfg.output_dir}/pipeline")
 
 
 @app.command()
@@ -59,11 +69,14 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
     if (prompt is None) == (prompts is None):
         raise UserError("give exactly one of PROMPT or --prompts FILE")
     texts = read_prompts(prompts) if prompts is not None else [prompt]
-    if any(not t for t in texts):
+    if any(not t.strip() for t in texts):
         raise UserError("empty prompt (blank line in the prompt file?)")
+    check_output_file(output) if prompts is None else check_output_dir(out, "--out")
     height, width = parse_size(size)
     prompt_enhancer = PromptEnhancer.from_pretrained(enhancer) if enhance or enhancer else None
     pipe = TextToImagePipeline.from_pretrained(model)
+    pipe.check_arguments(texts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                         shift=shift, seed=seed, batch_size=batch_size, negative_prompt=negative)
     result = pipe(texts, seed=seed, num_inference_steps=steps, guidance_scale=guidance, shift=shift, height=height,
                   width=width, negative_prompt=negative, batch_size=batch_size, progress=True,
                   enhancer=prompt_enhancer)
@@ -78,6 +91,8 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
     from ernielab.core.images import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("[0-9][0-9][0-9][0-9]*.png"), out / "grid.png", out / "prompts.txt"]:
+        stale.unlink(missing_ok=True)  # an earlier run's images never sit beside this run's prompts.json
     width_digits = max(4, len(str(len(images) - 1)))
     for i, img in enumerate(images):
         img.save(out / f"{i:0{width_digits}d}.png")
@@ -90,74 +105,29 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
     typer.echo(f"{len(images)} images in {out}")
 
 
-@app.command("eval")
-@user_errors
-def eval_(model: Optional[Path] = typer.Option(None, help="pipeline folder (default: the bundled model)"),
-          data: str = typer.Option("shapes", help="shapes | mnist | folder"),
-          data_path: str = typer.Option("", help="folder/JSONL for --data folder"),
-          image_size: Optional[int] = typer.Option(None, help="default: the model's"),
-          n_fid: int = typer.Option(500, help="held-out images for FID/KID (0 = skip)"),
-          n_align: int = typer.Option(100, help="prompts per alignment category"),
-          seed: int = typer.Option(0),
-          steps: Optional[int] = typer.Option(None),
-          guidance: Optional[float] = typer.Option(None),
-          shift: Optional[float] = typer.Option(None),
-          out: Path = typer.Option(Path("outputs/eval"), help="folder for eval.json and contact_sheet.png")):
-    """Score a model: FID/KID vs held-out images, prompt alignment; writes JSON + contact sheet."""
-    from ernielab.image.evaluate import evaluate
-    from ernielab.image.pipeline import TextToImagePipeline
-    from ernielab.worlds.registry import DataConfig
-
-    pipe = TextToImagePipeline.from_pretrained(model)
-    cfg = DataConfig(kind=data, path=data_path, image_size=image_size or pipe.config.height)
-    report = evaluate(pipe, cfg, n_fid=n_fid, n_align=n_align, seed=seed, steps=steps, guidance_scale=guidance,
-                      shift=shift, out_dir=out)
-    summary = {"fid_kid": report.get("fid_kid"),
-               "alignment": {k: v.get("overall", v) for k, v in report.get("alignment", {}).items()}}
-    typer.echo(json.dumps(summary, indent=2, default=float))
-    typer.echo(f"report: {out / 'eval.json'}")
-
-
-@app.command()
-@user_errors
-def export(run_dir: Path = typer.Argument(..., help="training output_dir"),
-           out: Path = typer.Option(..., "--out", help="pipeline folder to write"),
-           checkpoint: Optional[Path] = typer.Option(None, help="checkpoint folder (default: latest)"),
-           raw: bool = typer.Option(False, help="export the raw weights instead of the EMA"),
-           half: bool = typer.Option(False, help="store weights as float16 (half the size)")):
-    """Export a training checkpoint as a pipeline folder usable by generate/eval."""
-    import torch
-
-    from ernielab.image.train import export_checkpoint
-
-    path = export_checkpoint(run_dir, out, checkpoint, use_ema=not raw, dtype=torch.float16 if half else None)
-    typer.echo(str(path))
-
-
-@app.command()
-@user_errors
-def info(model: Optional[Path] = typer.Argument(None, help="pipeline folder (default: the bundled model)")):
-    """Print a saved pipeline's configuration and parameter count."""
-    from ernielab.image.pipeline import DEFAULT_MODEL, describe
-
-    typer.echo(json.dumps(describe(model or DEFAULT_MODEL), indent=2))
-
-
 def _mount_families() -> None:
     """Each family keeps its commands in <family>/cli.py; this top layer only mounts them."""
-    from ernielab.aesthetic import cli as aesthetic
-    from ernielab.dpo import cli as dpo
-    from ernielab.enhancer import cli as enhancer
-    from ernielab.sparse import cli as sparse
-    from ernielab.turbo import cli as turbo
-    from ernielab.unified import cli as unified
+    import importlib
 
-    app.add_typer(sparse.app, name="sparse", help="ERNIE-Sparse: hierarchical sparse transformer on LRA tasks")
-    app.add_typer(unified.app, name="unified", help="ERNIE 5.0-style unified autoregressive MoE")
-    app.add_typer(dpo.app, name="dpo", help="Diffusion-DPO preference alignment: make-pairs, train")
-    app.add_typer(aesthetic.app, name="aesthetic", help="ERNIE-Image-Aes-style aesthetic scorer: benchmark, train, eval")
-    app.command("distill")(turbo.distill)
-    app.command("enhance")(enhancer.enhance)
+    families = [("image", "ERNIE-Image: train, evaluate and export text-to-image transformers"),
+                ("vilg", "ERNIE-ViLG 2.0: mixture of denoising experts, knowledge-enhanced training"),
+                ("turbo", "ERNIE-Image Turbo: few-step students by distribution matching (DMD, MT-DMD)"),
+                ("dpo", "Diffusion-DPO preference alignment: make-pairs, train"),
+                ("aesthetic", "ERNIE-Image-Aes-style aesthetic scorer: benchmark, train, eval"),
+                ("enhancer", "Prompt Enhancer: train, enhance"),
+                ("sparse", "ERNIE-Sparse: hierarchical sparse transformer on LRA tasks"),
+                ("unified", "ERNIE 5.0-style unified autoregressive MoE")]
+    for name, help_text in families:
+        try:  # TEMPORARY while families move to the contract
+            module = importlib.import_module(f"ernielab.{name}.cli")
+            app.add_typer(module.app, name=name, help=help_text)
+        except (ImportError, AttributeError):
+            continue
+    from ernielab.enhancer.cli import enhance
+    from ernielab.image.cli import info
+
+    app.command("info")(info)
+    app.command("enhance")(enhance)
 
 
 _mount_families()
@@ -168,4 +138,4 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

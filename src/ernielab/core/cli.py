@@ -15,17 +15,50 @@ class UserError(Exception):
 
 
 def user_errors(fn):
-    """Expected failures (bad files, configs, shapes) become one `error: ...` line and exit code 2."""
+    """Expected failures (bad files, configs, shapes, paths) become one `error: ...` line and exit code 2."""
+    from safetensors import SafetensorError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, FileNotFoundError, IsADirectoryError, ValueError, json.JSONDecodeError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+        except (UserError, OSError, ValueError, SafetensorError) as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _nearest_existing(path: Path) -> Path:
+    """The path itself or its closest existing ancestor; a file on the way there is an error."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            return parent
+    return Path(".")
+
+
+def check_output_dir(path: Path, what: str = "output folder") -> None:
+    """`path` can be created (or is a folder) and written, checked without leaving anything behind."""
+    import tempfile
+
+    path = Path(path)
+    existing = _nearest_existing(path.absolute())
+    if not existing.is_dir():
+        raise UserError(f"{what} {path}: {existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UserError(f"{what} {path} cannot be written: {e.strerror or e}") from None
+
+
+def check_output_file(path: Path, suffixes: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")) -> None:
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"output file {path} must end in one of {', '.join(suffixes)}")
+    if path.is_dir():
+        raise UserError(f"output file {path} is a folder")
+    check_output_dir(path.parent, "folder of output file")
 
 
 def parse_value(raw: str):
@@ -109,7 +142,8 @@ def run_options(cfg, output_dir: str | None, fresh: bool):
 
 def add_train_command(app: typer.Typer, config_cls, run, what: str) -> None:
     """The one training command every family has: `ernielab <family> train CONFIG.json [--set key=value ...]
-    [--output-dir DIR] [--fresh]`. `run(config)` trains through the engine and returns its result dict."""
+    [--output-dir DIR] [--fresh]`. `config_cls`: the config class, or "module:Class" to import it only when the
+    command runs (keeps `--help` fast); `run(config)` trains through the engine and returns its result dict."""
 
     @app.command("train", help=f"Train {what} from a JSON config (resumes from the run folder's latest checkpoint).")
     @user_errors
@@ -118,7 +152,14 @@ def add_train_command(app: typer.Typer, config_cls, run, what: str) -> None:
               output_dir: Optional[str] = typer.Option(None, "--output-dir", help="override output_dir"),
               fresh: bool = typer.Option(False, "--fresh", help="clear the run folder's checkpoints and start over"),
               threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)")):
-        cfg = run_options(load_config(config_cls, config, set_), output_dir, fresh)
+        cls = config_cls
+        if isinstance(cls, str):
+            import importlib
+
+            module, name = cls.split(":")
+            cls = getattr(importlib.import_module(module), name)
+        cfg = run_options(load_config(cls, config, set_), output_dir, fresh)
+        check_output_dir(Path(cfg.output_dir), "output_dir")
         set_threads(threads)
         typer.echo(train_summary(run(cfg)))
 

@@ -131,21 +131,12 @@ class TextToImagePipeline:
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
-    @torch.no_grad()
-    def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | None = None, height: int | None = None,
-                 width: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, shift: float | None = None, seed: int = 0,
-                 batch_size: int = 16, latents: torch.Tensor | None = None, enhancer=None,
-                 output_type: str = "pil", progress: bool = False) -> ImagePipelineOutput:
-        """Draw one image per prompt; image i starts from the noise of seed `seed + i` (see `initial_noise`).
-
-        None for a sampling argument means the pipeline's own setting (`self.config`). `latents`: the starting
-        noise [N, C, h, w] instead of the seeded one. `enhancer`: an optional `enhancer.model.PromptEnhancer`;
-        prompt i is rewritten with seed + i before encoding, and the output's `revised_prompts` are the prompts
-        actually drawn from. `output_type`: "pil" (list of PIL images), "np" (uint8 [N, H, W, 3]), "pt" (float
-        [N, 3, H, W] in [-1, 1]) or "latent" (the final latents, not decoded). Every argument is checked before
-        any work; a bad one raises ValueError.
-        """
+    def check_arguments(self, prompt: str | Sequence[str], *, negative_prompt: str | None = None,
+                        height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                        guidance_scale: float | None = None, shift: float | None = None, seed: int = 0,
+                        batch_size: int = 16, latents: torch.Tensor | None = None, output_type: str = "pil") -> dict:
+        """The arguments of a call with the pipeline's defaults filled in; ValueError for a bad one. Callers that
+        write files (the CLI) check before they create anything."""
         cfg = self.config
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -184,6 +175,31 @@ class TextToImagePipeline:
                 raise ValueError(f"latents must be a tensor of shape {expected} ({len(prompts)} prompts at "
                                  f"{height}x{width}), got {got}")
 
+        return {"prompts": prompts, "negative_prompt": negative, "height": height, "width": width,
+                "num_inference_steps": steps, "guidance_scale": guidance_scale, "shift": shift}
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | None = None, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, shift: float | None = None, seed: int = 0,
+                 batch_size: int = 16, latents: torch.Tensor | None = None, enhancer=None,
+                 output_type: str = "pil", progress: bool = False) -> ImagePipelineOutput:
+        """Draw one image per prompt; image i starts from the noise of seed `seed + i` (see `initial_noise`).
+
+        None for a sampling argument means the pipeline's own setting (`self.config`). `latents`: the starting
+        noise [N, C, h, w] instead of the seeded one. `enhancer`: an optional `enhancer.model.PromptEnhancer`;
+        prompt i is rewritten with seed + i before encoding, and the output's `revised_prompts` are the prompts
+        actually drawn from. `output_type`: "pil" (list of PIL images), "np" (uint8 [N, H, W, 3]), "pt" (float
+        [N, 3, H, W] in [-1, 1]) or "latent" (the final latents, not decoded). Every argument is checked before
+        any work; a bad one raises ValueError.
+        """
+        args = self.check_arguments(prompt, negative_prompt=negative_prompt, height=height, width=width,
+                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                    shift=shift, seed=seed, batch_size=batch_size, latents=latents,
+                                    output_type=output_type)
+        prompts, negative, height, width, steps, guidance_scale, shift = (
+            args[k] for k in ("prompts", "negative_prompt", "height", "width", "num_inference_steps",
+                              "guidance_scale", "shift"))
         if enhancer is not None:
             prompts = enhancer.enhance_many(prompts, width=width, height=height, seed=seed, progress=progress)
         noise = latents if latents is not None else self.initial_noise(len(prompts), height, width, seed)
@@ -230,7 +246,12 @@ def _check_int(name: str, value, minimum: int | None = None) -> None:
 
 
 def describe(path: str | Path) -> dict:
-    """Small summary of a saved pipeline (for `ernielab info`)."""
+    """Small summary of a saved pipeline (for `ernielab info`): its checked configs and parameter count."""
     path = Path(path)
-    return {"pipeline": json.loads((path / PIPELINE_CONFIG).read_text()),
-            "transformer": json.loads((path / "transformer" / "config.json").read_text())}
+    if not (path / PIPELINE_CONFIG).is_file():
+        raise FileNotFoundError(f"no {PIPELINE_CONFIG} in {path}: not an ernielab pipeline folder")
+    pipeline = PipelineConfig.load(path / PIPELINE_CONFIG)
+    transformer = json.loads((path / "transformer" / "config.json").read_text())
+    if not isinstance(transformer, dict):
+        raise ValueError(f"{path / 'transformer' / 'config.json'} must hold a JSON object")
+    return {"pipeline": pipeline.to_dict(), "transformer": transformer}

@@ -2,19 +2,30 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
-from ernielab.core.config import Config
+from ernielab.core.config import Config, bounded
 
 
 @dataclasses.dataclass
 class DataConfig(Config):
-    kind: str = "shapes"  # "shapes" | "mnist" | "folder"
+    kind: str = bounded("shapes", choices=("shapes", "mnist", "folder"))
     path: str = ""  # folder: a folder of images with .txt captions, or a JSONL file
-    size: int = 1_000_000  # shapes: number of distinct procedural samples
-    image_size: int = 32
+    size: int = bounded(1_000_000, ge=1)  # shapes: number of distinct procedural samples
+    image_size: int = bounded(32, ge=1)
     seed: int = 0
-    split: str = "train"
+    split: str = bounded("train", choices=("train", "val", "test"))
     kind_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # shapes: scene-kind mix; empty = default 0.4/0.2/0.4
+
+    def check(self) -> None:
+        if self.kind == "folder" and not self.path:
+            raise ValueError("data.kind 'folder' needs data.path (a folder of images or a .jsonl file)")
+        if self.kind == "folder" and not Path(self.path).exists():
+            raise ValueError(f"data.path {self.path} does not exist")
+
+
+def check_data(config: DataConfig) -> None:
+    config.validate("data")
 
 
 def build_dataset(config: DataConfig):
