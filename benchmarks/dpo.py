@@ -16,7 +16,8 @@
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dpo.py
 
 Every stage is skipped when its output exists, so an interrupted run continues where it stopped.
-Results: benchmarks/results/dpo/dpo.json (+ contact sheets under the run folder).
+Results: outputs/benchmarks/dpo/dpo.json (+ contact sheets under the run folder); `--results benchmarks/results/dpo`
+replaces the committed results.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def build_pairs(args, out: Path) -> dict:
     t = time.time()
     pipe = TextToImagePipeline.from_pretrained(DEFAULT_MODEL)
     summary = make_pairs(pipe, pair_prompts(args.pair_prompts, args.n_align), out, candidates=args.candidates,
-                         seed=PAIR_NOISE_SEED, steps=args.pair_steps, prompts_per_batch=8)
+                         seed=PAIR_NOISE_SEED, num_inference_steps=args.pair_steps, prompts_per_batch=8)
     summary.update(seconds=time.time() - t, sampling_steps=args.pair_steps)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -80,8 +81,8 @@ def train_variant(args, name: str, pairs: Path, out: Path) -> dict:
 
 
 def generate(pipe, prompts: list[str], seed: int, steps: int | None) -> torch.Tensor:
-    return torch.cat([pipe.generate(prompts[s : s + 50], seed=seed + s, steps=steps, batch_size=50)
-                      for s in range(0, len(prompts), 50)])
+    return torch.cat([pipe(prompts[s : s + 50], seed=seed + s, num_inference_steps=steps, batch_size=50,
+                           output_type="pt").images for s in range(0, len(prompts), 50)])
 
 
 def evaluate_model(args, model_dir: Path, out: Path) -> dict:
@@ -127,7 +128,8 @@ def add_aesthetic(args, model_dir: Path, report: dict, report_file: Path) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/dpo_bench")
-    parser.add_argument("--results", default="benchmarks/results/dpo")
+    parser.add_argument("--results", default="outputs/benchmarks/dpo",
+                        help="folder for dpo.json (the committed results are in benchmarks/results/dpo)")
     parser.add_argument("--pair-prompts", type=int, default=150, help="per kind (count, relation)")
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--pair-steps", type=int, default=20)

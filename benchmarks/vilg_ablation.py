@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ernielab.core.checkpoint import CKPT_DIR
 from ernielab.core.images import save_grid, to_uint8
@@ -95,14 +95,15 @@ def sampling_seconds_per_image(pipes: dict[str, TextToImagePipeline], args) -> d
     """Seconds per image at the evaluation settings (16 prompts, one batch). Variants take turns within
     each repeat and the fastest repeat counts, so load from other jobs on the shared CPU hits all alike."""
     prompts = alignment_prompts("shapes", 16, args.seed + 1)["relation"]
-    gen = dict(steps=args.sample_steps, guidance_scale=args.guidance, shift=1.0, batch_size=len(prompts))
+    gen = dict(num_inference_steps=args.sample_steps, guidance_scale=args.guidance, shift=1.0, batch_size=len(prompts),
+               output_type="pt")
     best = {name: float("inf") for name in pipes}
     for name, pipe in pipes.items():  # warm-up
-        pipe.generate(prompts, seed=0, **gen)
+        pipe(prompts, seed=0, **gen)
     for r in range(args.timing_repeats):
         for name, pipe in pipes.items():
             t0 = time.perf_counter()
-            pipe.generate(prompts, seed=r, **gen)
+            pipe(prompts, seed=r, **gen)
             best[name] = min(best[name], (time.perf_counter() - t0) / len(prompts))
     return best
 
@@ -135,14 +136,15 @@ def evaluate_variant(name: str, cfg: VilgTrainConfig, args, text_encoder, real: 
             report_file.write_text(json.dumps(report, indent=2))
         return report
     pipe = TextToImagePipeline.from_pretrained(Path(cfg.output_dir) / "pipeline", text_encoder=text_encoder)
-    gen = dict(steps=args.sample_steps, guidance_scale=args.guidance, shift=1.0, batch_size=50)
-    fake = torch.cat([pipe.generate(list(real["caption"][i : i + 50]), seed=i, **gen)
+    gen = dict(num_inference_steps=args.sample_steps, guidance_scale=args.guidance, shift=1.0, batch_size=50,
+               output_type="pt")
+    fake = torch.cat([pipe(list(real["caption"][i : i + 50]), seed=i, **gen).images
                       for i in range(0, len(real["caption"]), 50)])
     report = {"fid_kid": fid_kid_from_features(real_feats, inception_features(to_uint8(fake), progress=False))}
     report["alignment"] = {}
     sheet_images, sheet_prompts = [], []
     for kind, prompts in alignment_prompts("shapes", args.n_align, args.seed).items():
-        images = to_uint8(torch.cat([pipe.generate(prompts[i : i + 50], seed=100_000 + i, **gen)
+        images = to_uint8(torch.cat([pipe(prompts[i : i + 50], seed=100_000 + i, **gen).images
                                      for i in range(0, len(prompts), 50)]))
         report["alignment"][kind] = score_alignment("shapes", prompts, images)
         sheet_images += list(images[:8])
@@ -227,13 +229,13 @@ def main(argv=None):
     t_start = time.time()
     summaries = {n: train(n, cfgs[n], text_encoder) for n in needed}
 
-    real_file = out / f"real_features_{args.n_fid}.pt"
+    real_file = out / f"real_features_{args.n_fid}.safetensors"
     real = real_split(cfgs["baseline"].data, args.n_fid)
     if real_file.is_file():
-        real_feats = torch.load(real_file)
+        real_feats = load_file(str(real_file))["features"]
     else:
         real_feats = inception_features(to_uint8(real["image"]), progress=False)
-        torch.save(real_feats, real_file)
+        save_file({"features": real_feats.contiguous()}, str(real_file))
 
     rows, pipes = {}, {}
     for n in names:

@@ -1,6 +1,7 @@
 """Stabilized Diffusion-DPO: the loss, the pair file, the pair maker, training, resume and the CLI."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,14 +11,16 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ernielab.cli.main import app
-from ernielab.core.checkpoint import latest_checkpoint
-from ernielab.core.images import to_uint8
+from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint
+from ernielab.core.config import ConfigError
+from ernielab.core.engine import Engine
 from ernielab.dpo.preferences import AlignmentJudge, PreferencePairs, best_and_worst, load_judge, make_pairs, read_pairs
 from ernielab.dpo.train import DPOSettings, DPOTrainConfig, DPOTrainer, dpo_loss
 from ernielab.image.pipeline import TextToImagePipeline
 from ernielab.worlds.shapes import ShapesWorld, render
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def brightness_judge(prompts, images):
@@ -45,6 +48,23 @@ def dpo_config(tmp_path, pipe_dir, pairs, **kw):
                 steps=4, batch_size=3, lr=1e-3, warmup_steps=0, log_every=1, save_every=2, ema_decay=0.9)
     base.update(kw)
     return DPOTrainConfig(**base)
+
+
+def built(trainer):
+    """The trainer's modules as the engine builds them, without training."""
+    from accelerate import Accelerator
+
+    Engine(trainer, Accelerator(cpu=True))
+    torch.manual_seed(trainer.config.seed)
+    trainer.build()
+    return trainer
+
+
+def assert_same_optimizer_state(a: dict, b: dict):
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i, s in a["state"].items():
+        assert s.keys() == b["state"][i].keys()
+        assert all(torch.equal(torch.as_tensor(s[k]), torch.as_tensor(b["state"][i][k])) for k in s)
 
 
 # ---- the loss -------------------------------------------------------------------------------------
@@ -80,15 +100,15 @@ def test_reward_unit_anchors_have_the_gradients_of_the_raw_form_times_beta():
 
 
 def test_policy_equal_to_reference_gives_log2_and_real_gradients(tmp_path, tiny_pipeline_dir):
-    trainer = DPOTrainer(dpo_config(tmp_path, tiny_pipeline_dir, write_pair_set(tmp_path / "pairs")))
+    trainer = built(DPOTrainer(dpo_config(tmp_path, tiny_pipeline_dir, write_pair_set(tmp_path / "pairs"))))
     batch = {k: ([v[k] for v in map(trainer.dataset.__getitem__, range(3))]) for k in ("caption", "chosen", "rejected")}
     batch = {k: v if k == "caption" else torch.stack(v) for k, v in batch.items()}
     inputs = trainer.prepare_batch(batch, torch.Generator().manual_seed(0))
-    loss = trainer.compute_loss(trainer.model, inputs, 0)
-    stats = trainer.stats[-1]
-    assert stats["dpo"].item() == pytest.approx(math.log(2), abs=1e-6)
-    assert stats["delta_w"].item() == 0 and stats["delta_l"].item() == 0
+    loss, stats = trainer.loss(trainer.model, inputs, 0)  # the loss and the statistics the engine logs
+    assert stats["dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["delta_w"] == 0 and stats["delta_l"] == 0
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # the anchors are zero at the reference too
+    assert trainer.compute_loss(trainer.model, inputs, 0).item() == loss.item()
     loss.backward()
     grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -103,7 +123,7 @@ def test_training_lowers_the_loss_reference_stays(tmp_path, tiny_pipeline_dir, l
     cfg = dpo_config(tmp_path, tiny_pipeline_dir, pairs, dpo=dpo, steps=20, batch_size=4, lr=2e-3, log_every=4,
                      save_every=1000, ema_decay=0.0)
     trainer = DPOTrainer(cfg)
-    before = {k: v.clone() for k, v in trainer.reference.state_dict().items()}
+    before = load_file(str(tiny_pipeline_dir / "transformer" / "model.safetensors"))  # init_from's weights
     trainer.train()
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
@@ -117,17 +137,36 @@ def test_training_lowers_the_loss_reference_stays(tmp_path, tiny_pipeline_dir, l
 
 
 def test_resume_is_exact(tmp_path, tiny_pipeline_dir):
+    """Through the engine: 4 steps straight == 2 steps, then a resumed run to 4 (weights, EMA, Adam state, logs)."""
     pairs = write_pair_set(tmp_path / "pairs")
     DPOTrainer(dpo_config(tmp_path / "a", tiny_pipeline_dir, pairs)).train()
-    DPOTrainer(dpo_config(tmp_path / "b", tiny_pipeline_dir, pairs, steps=2)).train()
+    first = DPOTrainer(dpo_config(tmp_path / "b", tiny_pipeline_dir, pairs, steps=2)).train()
+    assert first["step"] == 2
     DPOTrainer(dpo_config(tmp_path / "b", tiny_pipeline_dir, pairs)).train()  # resumes at step 2
-    for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(str(latest_checkpoint(tmp_path / "a" / "run") / name))
-        b = load_file(str(latest_checkpoint(tmp_path / "b" / "run") / name))
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in l]
-    assert steps == [1, 2, 3, 4]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "a" / "run"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "b" / "run"))
+    assert a["step"] == b["step"] == 4 and set(a["modules"]) == {"model", "ema"}
+    for name in ("model", "ema"):
+        assert all(torch.equal(a["modules"][name][k], b["modules"][name][k]) for k in a["modules"][name])
+    assert_same_optimizer_state(a["states"]["optimizer"], b["states"]["optimizer"])
+    records = [json.loads(l) for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    straight = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward_margin"] for r in straight if "loss" in r] == [r["reward_margin"] for r in logged]
+
+
+def test_time_limited_run_exports_nothing_and_says_so(tmp_path, tiny_pipeline_dir):
+    pairs = write_pair_set(tmp_path / "pairs")
+    cfg = dpo_config(tmp_path, tiny_pipeline_dir, pairs, max_minutes=1e-6, save_every=100)
+    cfg.save(tmp_path / "dpo.json")
+    res = runner.invoke(app, ["dpo", "train", str(tmp_path / "dpo.json")])
+    assert res.exit_code == 0, res.output
+    assert "stopped: time limit" in res.output and "nothing exported" in res.output
+    assert not (tmp_path / "run" / "pipeline").exists()
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000001"  # saved where it stopped: resumable
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["done"] is False and "time limit" in last["stopped"]
 
 
 # ---- the pair file -------------------------------------------------------------------------------
@@ -187,12 +226,12 @@ def test_pair_maker_writes_a_loadable_reproducible_file(tmp_path, tiny_pipeline_
     pipe = TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
     prompts = ["a red circle", "two blue squares", "a green triangle above a red square"]
     summary = make_pairs(pipe, prompts, tmp_path / "pairs", brightness_judge, candidates=3, seed=5,
-                         prompts_per_batch=2, steps=2, progress=False)
+                         prompts_per_batch=2, num_inference_steps=2, progress=False)
     assert summary["pairs"] == 3 and summary["all_tied"] == 0
     ds = PreferencePairs(tmp_path / "pairs" / "pairs.jsonl", image_size=32)
     pair = ds.pairs[2]
     assert pair.prompt == prompts[2] and pair.metadata["chosen_score"] > pair.metadata["rejected_score"]
-    again = to_uint8(pipe.generate(prompts[2], seed=pair.metadata["chosen_seed"], steps=2))[0]
+    again = pipe(prompts[2], seed=pair.metadata["chosen_seed"], num_inference_steps=2, output_type="np").images[0]
     assert np.array_equal(np.asarray(Image.open(pair.chosen)), again)
     assert 6 <= pair.metadata["chosen_seed"] - 5 < 9  # candidate seeds of prompt 2: seed + 2*3 + c
 
@@ -225,10 +264,49 @@ def test_cli_errors(tmp_path, tiny_pipeline_dir):
     cfg = dpo_config(tmp_path, tiny_pipeline_dir, bad)
     cfg.save(tmp_path / "dpo.json")
     assert_clean_error(runner.invoke(app, ["dpo", "train", str(tmp_path / "dpo.json")]), "bad.jsonl:1: missing key")
-    cfg.replace(init_from="").save(tmp_path / "noinit.json")
+    (tmp_path / "noinit.json").write_text(json.dumps({**cfg.to_dict(), "init_from": ""}))
     assert_clean_error(runner.invoke(app, ["dpo", "train", str(tmp_path / "noinit.json")]), "needs init_from")
+    assert_clean_error(runner.invoke(app, ["dpo", "train", str(tmp_path / "dpo.json"), "--set", "dpo.beta=-1"]),
+                       "dpo.beta: must be > 0")
+    assert_clean_error(runner.invoke(app, ["dpo", "train", str(tmp_path / "dpo.json"), "--set", "steps=two"]),
+                       "steps: expected int")
+    assert_clean_error(runner.invoke(app, ["dpo", "train", str(tmp_path / "dpo.json"), "--set",
+                                           f"init_from={tmp_path / 'nowhere'}"]), "nowhere")
+    assert not (tmp_path / "run").exists()  # every refusal came before anything was written
     assert_clean_error(runner.invoke(app, ["dpo", "make-pairs", "--out", str(tmp_path / "x"), "--kinds", "spirals"]),
                        "--kinds")
+
+
+def test_every_dpo_config_loads():
+    files = sorted((REPO / "configs" / "dpo").glob("*.json"))
+    assert {f.name for f in files} >= {"shapes.json", "tiny.json"}
+    for f in files:
+        cfg = DPOTrainConfig.load(f)
+        assert cfg.init_from and cfg.dpo.pairs, f
+
+
+def test_config_rules():
+    with pytest.raises(ConfigError, match="needs dpo.pairs"):
+        DPOTrainConfig.from_dict({"init_from": "default"})
+    with pytest.raises(ConfigError, match="dpo.lambda_win: must be >= 0"):
+        DPOTrainConfig.from_dict({"init_from": "default", "dpo": {"pairs": "p.jsonl", "lambda_win": -0.1}})
+    with pytest.raises(ConfigError, match="steps: must be >= 1"):
+        DPOTrainConfig.from_dict({"init_from": "default", "dpo": {"pairs": "p.jsonl"}, "steps": 0})
+
+
+def test_cli_train_from_the_shipped_config(tmp_path):
+    """`ernielab dpo train configs/dpo/tiny.json` (the bundled model), shortened with --set, into --output-dir."""
+    pairs = write_pair_set(tmp_path / "pairs", n=4)
+    res = runner.invoke(app, ["dpo", "train", str(REPO / "configs" / "dpo" / "tiny.json"), "--set", "steps=2",
+                              "--set", "batch_size=2", "--set", f"dpo.pairs={pairs}", "--set", "log_every=1",
+                              "--output-dir", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "trained to step 2" in res.output and str(tmp_path / "out" / "pipeline") in res.output
+    saved = DPOTrainConfig.load(tmp_path / "out" / "train_config.json")
+    assert saved.steps == 2 and saved.output_dir == str(tmp_path / "out") and saved.model.num_layers == 6
+    logged = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert [r["step"] for r in logged] == [1, 2] and all("reward_acc" in r for r in logged)
+    assert TextToImagePipeline.from_pretrained(tmp_path / "out" / "pipeline").config.steps == 50
 
 
 def test_aesthetic_judge_from_a_saved_scorer(tmp_path):

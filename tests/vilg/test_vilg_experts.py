@@ -129,13 +129,13 @@ def test_pipeline_cfg_and_eval_unchanged(tmp_path, text_encoder, tiny_pipeline_d
     for i, e in enumerate(pipe.transformer.experts):
         e.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
     prompts = ["a red circle", "two blue squares"]
-    images = pipe.generate(prompts, steps=8, guidance_scale=3.0, seed=3)
+    images = pipe(prompts, num_inference_steps=8, guidance_scale=3.0, seed=3, output_type="pt").images
     # one CFG-batched forward per step, run by the one expert owning that step's sigma
     sigmas = sigma_schedule(8, pipe.config.shift)[:-1]
     assert calls == torch.bincount(expert_index(sigmas, mode.boundaries), minlength=4).tolist()
     assert sum(calls) == 8
-    again = TextToImagePipeline(mode, text_encoder, plain.latent_space, plain.config).generate(
-        prompts, steps=8, guidance_scale=3.0, seed=3)
+    again = TextToImagePipeline(mode, text_encoder, plain.latent_space, plain.config)(
+        prompts, num_inference_steps=8, guidance_scale=3.0, seed=3, output_type="pt").images
     torch.testing.assert_close(images, again, rtol=0, atol=0)
     report = evaluate(pipe, DataConfig(kind="shapes", size=100), n_fid=0, n_align=2, steps=2, progress=False)
     assert set(report["alignment"]) == {"single", "count", "relation"}

@@ -97,6 +97,7 @@ class Task:
 
     config: EngineSettings
     engine: Engine  # set by the engine before `build`
+    find_unused_parameters = False  # DDP: True when a step may leave parameters without gradients (routed experts)
 
     def build(self) -> dict[str, nn.Module]:
         """Create the modules (on `self.engine.device`); "model" is the one optimised, EMA'd and shipped.
@@ -127,6 +128,10 @@ class Task:
 
     def load_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def init_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """A fresh run's optimizer before its first step (e.g. continue an earlier run's Adam moments); not
+        called when the run resumes (the checkpoint's optimizer state is loaded instead)."""
 
     def make_ema(self, model: nn.Module) -> EMA:
         return EMA(model, self.config.ema_decay)
@@ -177,9 +182,14 @@ class Engine:
         from accelerate import Accelerator
 
         cfg = self.config
-        self.accelerator = self.accelerator or Accelerator(
-            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-            cpu=not torch.cuda.is_available())
+        if self.accelerator is None:
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            unused = self.task.find_unused_parameters
+            self.accelerator = Accelerator(
+                mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                cpu=not torch.cuda.is_available(),
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else [])
         with RunLock(self.run_dir) if self.accelerator.is_main_process else nullcontext():
             return self._fit()
 
@@ -194,6 +204,8 @@ class Engine:
             opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
         checkpoint = self.checkpoint_to_resume()
         step = self.restore(checkpoint, modules, ema, opt, sched) if checkpoint else 0
+        if not checkpoint:
+            task.init_optimizer(opt)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "train_config.json")
@@ -329,6 +341,10 @@ class Engine:
         return checkpoint
 
     def restore(self, checkpoint: dict, modules: dict[str, nn.Module], ema: EMA | None, opt, sched) -> int:
+        missing = [name for name in modules if name not in checkpoint["modules"]]
+        if missing:
+            raise ValueError(f"cannot resume from {self.run_dir}: its checkpoint holds no {', '.join(missing)} "
+                             f"weights (a checkpoint of another kind of run); use --fresh or a new output_dir")
         for name, module in modules.items():
             module.load_state_dict(checkpoint["modules"][name])
         states = checkpoint["states"]

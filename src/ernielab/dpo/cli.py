@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ernielab.core.cli import UserError, load_config, run_options, set_threads, user_errors
+from ernielab.core.cli import UserError, add_train_command, set_threads, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Diffusion-DPO preference alignment: make-pairs, train.")
@@ -56,23 +56,17 @@ def make_pairs_cmd(out: Path = typer.Option(..., "--out", help="folder for image
     texts = pair_prompts(prompts, kinds, n, prompt_seed)
     judge_fn = load_judge(judge)
     pipe = TextToImagePipeline.from_pretrained(model)
-    summary = make_pairs(pipe, texts, out, judge_fn, candidates=candidates, seed=seed, steps=steps,
-                         guidance_scale=guidance, shift=shift)
+    summary = make_pairs(pipe, texts, out, judge_fn, candidates=candidates, seed=seed,
+                         num_inference_steps=steps, guidance_scale=guidance, shift=shift)
     typer.echo(json.dumps(summary, indent=2))
 
 
-@app.command()
-@user_errors
-def train(config: Path = typer.Argument(..., help="DPO config JSON (see configs/dpo_*.json)"),
-          set_: list[str] = typer.Option([], "--set", help="override a field, e.g. --set dpo.beta=0.1"),
-          output_dir: Optional[str] = typer.Option(None, help="override output_dir"),
-          fresh: bool = typer.Option(False, help="ignore existing checkpoints (do not resume)"),
-          threads: int = typer.Option(0, help="torch threads (0: torch's default)")):
-    """Align a model (init_from, also the frozen reference) on preference pairs (dpo.pairs)."""
-    from ernielab.dpo.train import DPOTrainConfig, DPOTrainer
+def run(cfg) -> dict:
+    from ernielab.dpo.train import DPOTrainer
 
-    cfg = load_config(DPOTrainConfig, config, set_)
-    cfg = run_options(cfg, output_dir, fresh)
-    set_threads(threads)
-    result = DPOTrainer(cfg).train()
-    typer.echo(f"trained to step {result['step']} in {result['elapsed_s']:.0f}s; pipeline at {cfg.output_dir}/pipeline")
+    return DPOTrainer(cfg).train()
+
+
+add_train_command(app, "ernielab.dpo.train:DPOTrainConfig", run,
+                  "a model on preference pairs with stabilized Diffusion-DPO (init_from: the model to align, also "
+                  "the frozen reference; dpo.pairs: the pairs file)")

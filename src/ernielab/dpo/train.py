@@ -25,8 +25,9 @@ fixed fractions (0.35, 0.15) of the DPO term's largest one whatever beta or the 
 0.35 * err(w) next to a DPO gradient of beta_eff / 2 = 25 is inert: measured, err(w) more than doubles in
 100 steps (docs/dpo.md); `anchors_in_reward_units=False` keeps that raw form for comparison.
 
-`DPOTrainer` is a `Trainer` (accelerate, bf16, EMA, checkpoints with exact resume, progress bar); it adds
-the frozen reference, the pair batches and the DPO loss, and logs reward accuracy and margins.
+`DPOTrainer` is the ERNIE-Image `Trainer` task, run by the core engine (accelerate, bf16, EMA, checkpoints
+with exact resume, metrics); it adds the frozen reference, the pair batches and the DPO loss, and logs reward
+accuracy and margins next to the loss. Train with `ernielab dpo train configs/dpo/shapes.json`.
 """
 from __future__ import annotations
 
@@ -39,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernielab.core.config import Config
-from ernielab.core.metrics import MetricsLog
+from ernielab.core.config import Config, bounded
 from ernielab.dpo.preferences import PreferencePairs
 from ernielab.image.config import ErnieImageConfig
 from ernielab.image.flow_matching import TIMESTEP_SCALE, add_noise, flow_matching_loss, sample_training_sigmas
@@ -51,10 +51,10 @@ from ernielab.image.train import TrainConfig, Trainer
 @dataclasses.dataclass
 class DPOSettings(Config):
     pairs: str = ""  # pairs.jsonl (see ernielab.dpo.preferences)
-    beta: float = 0.05
-    beta_scale: float = 1000.0  # beta_eff = beta * beta_scale; 1000 = T, as Diffusion-DPO's beta * T
-    lambda_win: float = 0.35  # SFT anchor on the chosen image
-    lambda_lose: float = 0.15  # hinge on the rejected error rising above the reference's
+    beta: float = bounded(0.05, gt=0)
+    beta_scale: float = bounded(1000.0, gt=0)  # beta_eff = beta * beta_scale; 1000 = T, as Diffusion-DPO's beta * T
+    lambda_win: float = bounded(0.35, ge=0)  # SFT anchor on the chosen image
+    lambda_lose: float = bounded(0.15, ge=0)  # hinge on the rejected error rising above the reference's
     anchors_in_reward_units: bool = True  # anchors x beta_eff (see module docstring); False: raw errors
 
     @property
@@ -67,14 +67,21 @@ class DPOTrainConfig(TrainConfig):
     dpo: DPOSettings = dataclasses.field(default_factory=DPOSettings)
     # fine-tuning defaults: short, small learning rate, no caption dropout (preferences are per prompt)
     output_dir: str = "runs/dpo"
-    steps: int = 300
-    batch_size: int = 8  # pairs per micro-step (the model sees 2x as many images)
-    lr: float = 1e-5
-    warmup_steps: int = 20
-    ema_decay: float = 0.0
-    cfg_dropout: float = 0.0
-    log_every: int = 10
-    save_every: int = 100
+    steps: int = bounded(300, ge=1)
+    batch_size: int = bounded(8, ge=1)  # pairs per micro-step (the model sees 2x as many images)
+    lr: float = bounded(1e-5, gt=0)
+    warmup_steps: int = bounded(20, ge=0)
+    ema_decay: float = bounded(0.0, ge=0, lt=1)
+    cfg_dropout: float = bounded(0.0, ge=0, le=1)
+    log_every: int = bounded(10, ge=1)
+    save_every: int = bounded(100, ge=1)
+
+    def check(self) -> None:
+        if not self.init_from:
+            raise ValueError("DPO needs init_from: the pipeline folder of the model to align (also the frozen "
+                             "reference), or \"default\" for the bundled model")
+        if not self.dpo.pairs:
+            raise ValueError("DPO needs dpo.pairs: a pairs.jsonl file (make one with `ernielab dpo make-pairs`)")
 
 
 def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -97,14 +104,12 @@ def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_
 def resolve_config(cfg: TrainConfig) -> DPOTrainConfig:
     """Check what DPO needs, and take model, encoder, latents, size and sampling defaults from the
     init_from pipeline folder, so a config only names the model, the pairs and the DPO settings."""
-    if not isinstance(cfg, DPOTrainConfig):
-        cfg = DPOTrainConfig.from_dict(cfg.to_dict())
-    if not cfg.init_from:
-        raise ValueError("DPO needs init_from: the pipeline folder of the model to align (also the frozen reference)")
-    if not cfg.dpo.pairs:
-        raise ValueError("DPO needs dpo.pairs: a pairs.jsonl file (make one with `ernielab dpo make-pairs`)")
+    cfg = cfg if isinstance(cfg, DPOTrainConfig) else DPOTrainConfig.from_dict(cfg.to_dict())
+    cfg.validate()
     init = DEFAULT_MODEL if cfg.init_from == "default" else Path(cfg.init_from)
     cfg = cfg.replace(init_from=str(init))
+    if not init.exists():
+        raise FileNotFoundError(f"init_from {init}: no such pipeline or transformer folder")
     if not (init / PIPELINE_CONFIG).is_file():
         return cfg  # a bare transformer folder: the config must describe it
     sampling = PipelineConfig.load(init / PIPELINE_CONFIG)
@@ -121,12 +126,11 @@ class DPOTrainer(Trainer):
         config = resolve_config(config)
         super().__init__(config, accelerator)
         self.dataset = PreferencePairs(config.dpo.pairs, config.data.image_size)
-        self.stats: list[dict[str, torch.Tensor]] = []
-        self.metrics: MetricsLog | None = None
+        self.reference: nn.Module | None = None
 
     def build_model(self) -> nn.Module:
         model = super().build_model()  # init_from weights
-        # Built before any resume, so the reference is always the initial model, never a checkpoint.
+        # Built before the engine restores a checkpoint, so the reference is always the initial model.
         self.reference = copy.deepcopy(model).requires_grad_(False).eval().to(self.accelerator.device)
         return model
 
@@ -140,8 +144,9 @@ class DPOTrainer(Trainer):
         text, lens = self.text_encoder(captions + captions, device=device)
         noise = torch.randn(x0[:n].shape, generator=g).to(device)
         sigmas = sample_training_sigmas(n, g, cfg.timestep_sampling, cfg.timestep_shift, device)
-        return {"x0": x0, "noise": torch.cat([noise, noise]), "sigmas": torch.cat([sigmas, sigmas]),
-                "text": text, "text_lens": lens, "pairs": n}
+        # captions first: the engine counts a batch's samples by its first list (pairs, as before)
+        return {"caption": list(batch["caption"]), "x0": x0, "noise": torch.cat([noise, noise]),
+                "sigmas": torch.cat([sigmas, sigmas]), "text": text, "text_lens": lens, "pairs": n}
 
     def pair_errors(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image velocity errors of the policy (with grad) and of the reference (without)."""
@@ -152,26 +157,15 @@ class DPOTrainer(Trainer):
             ref = flow_matching_loss(self.reference(*args), inputs["x0"], inputs["noise"])
         return err, ref
 
-    def compute_loss(self, model: nn.Module, inputs: dict, step: int) -> torch.Tensor:
+    def dpo_terms(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         err, ref = self.pair_errors(model, inputs)
         n = inputs["pairs"]
-        loss, stats = dpo_loss(err[:n], err[n:], ref[:n], ref[n:], self.config.dpo)
-        self.stats.append(stats)
-        return loss
+        return dpo_loss(err[:n], err[n:], ref[:n], ref[n:], self.config.dpo)
 
-    # ---- logging: DPO statistics next to the loss, consistent across resumes ---------------------
-    def maybe_resume(self, opt, sched) -> int:
-        step = super().maybe_resume(opt, sched)
-        if self.accelerator.is_main_process:
-            self.metrics = MetricsLog(self.out / "metrics.jsonl", step)
-        return step
+    def compute_loss(self, model: nn.Module, inputs: dict, step: int) -> torch.Tensor:
+        return self.dpo_terms(model, inputs)[0]
 
-    def log(self, record: dict) -> None:
-        if "loss" in record and self.stats:
-            names = list(self.stats[0])
-            local = torch.stack([torch.stack([s[k] for s in self.stats]).mean() for k in names])
-            means = self.accelerator.gather(local[None].to(self.accelerator.device)).mean(0)
-            record = {**record, **dict(zip(names, means.tolist()))}
-            self.stats = []
-        if self.accelerator.is_main_process:
-            (self.metrics or MetricsLog(self.out / "metrics.jsonl", 2**62)).write(record)
+    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss, and the DPO statistics the engine logs next to it (means over the log window and ranks)."""
+        loss, stats = self.dpo_terms(model, batch)
+        return loss, {k: v.item() for k, v in stats.items()}

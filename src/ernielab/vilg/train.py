@@ -9,24 +9,27 @@
   regions on a fraction of samples), caption enrichment. Training only: the exported model is plain.
 - `VilgTrainer` = both on top of `Trainer`, driven by `VilgTrainConfig` (mode.experts=1 and
   knowledge.enabled=False give the plain trainer back).
-- `stage2_config`: the stage-1 -> stage-2 step.
+- `Stage2Config` / `stage2_config`: the stage-1 -> stage-2 step (one config per link of the chain).
 
-CLI: `python -m ernielab.vilg.train train CONFIG [KEY=VALUE ...]` and
-`python -m ernielab.vilg.train stage2 STAGE1_OUTPUT_DIR --experts 4 --steps 500 --out DIR`.
+The engine runs the loop (ernielab.core.engine): stage 2's copies of stage 1's EMA and Adam moments enter
+through the task's `make_ema` and `init_optimizer` hooks. CLI (src/ernielab/vilg/cli.py):
+`ernielab vilg train configs/vilg/stage1.json` and `ernielab vilg stage2 configs/vilg/stage2.json`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ernielab.core.checkpoint import latest_checkpoint
-from ernielab.core.config import Config
+from ernielab.core.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint
+from ernielab.core.cli import deep_merge
+from ernielab.core.config import Config, bounded
 from ernielab.core.ema import EMA
 from ernielab.core.seeding import generator
 from ernielab.image.flow_matching import (
@@ -37,7 +40,7 @@ from ernielab.image.flow_matching import (
     shift_sigmas,
 )
 from ernielab.image.train import TrainConfig, Trainer
-from ernielab.vilg.experts import MixtureOfDenoisingExperts, expert_index, uniform_boundaries
+from ernielab.vilg.experts import MixtureOfDenoisingExperts, check_boundaries, expert_index, uniform_boundaries
 from ernielab.vilg.knowledge import (
     boxes_from_batch,
     enrich_caption,
@@ -55,20 +58,27 @@ from ernielab.vilg.knowledge import (
 EDGE_MARGIN = 1e-4
 
 
+ROUTINGS = ("per_step", "per_sample")
+TAGGERS = ("auto", "spacy", "lexicon")
+
+
 @dataclasses.dataclass
 class MoDESettings(Config):
-    experts: int = 1  # 1 (with no boundaries): a plain single denoiser
+    experts: int = bounded(1, ge=1)  # 1 (with no boundaries): a plain single denoiser
     boundaries: tuple[float, ...] = ()  # empty: N equal intervals
-    routing: str = "per_step"  # "per_step" (paper: one expert per step) | "per_sample"
+    routing: str = bounded("per_step", choices=ROUTINGS)  # "per_step" (paper: one expert per step) | "per_sample"
     init_from: str = ""  # stage-1 checkpoint folder, training output dir or pipeline folder ("" = random init)
     copy_optimizer: bool = True  # start every expert's Adam moments from stage 1's (checkpoint folders only)
 
     def __post_init__(self):
         self.boundaries = tuple(self.boundaries)
-        if self.routing not in ("per_step", "per_sample"):
-            raise ValueError(f"mode.routing must be 'per_step' or 'per_sample', got {self.routing!r}")
-        if self.boundaries and len(self.boundaries) != self.experts + 1:
-            raise ValueError(f"{self.experts} experts need {self.experts + 1} boundaries, got {len(self.boundaries)}")
+
+    def check(self) -> None:
+        if self.boundaries:
+            if len(self.boundaries) != self.experts + 1:
+                raise ValueError(f"{self.experts} experts need {self.experts + 1} boundaries, "
+                                 f"got {len(self.boundaries)}")
+            check_boundaries(self.boundaries)
 
     @property
     def enabled(self) -> bool:
@@ -81,14 +91,14 @@ class MoDESettings(Config):
 @dataclasses.dataclass
 class KnowledgeConfig(Config):
     enabled: bool = False
-    attn_boost: float = 0.01  # w_a: key-word attention weight x (1 + w_a)
-    attn_prob: float = 0.5  # fraction of samples that get the attention boost
-    region_boost: float = 0.1  # w_l: loss x (1 + w_l) inside object regions
-    region_prob: float = 0.5
+    attn_boost: float = bounded(0.01, gt=-1)  # w_a: key-word attention weight x (1 + w_a)
+    attn_prob: float = bounded(0.5, ge=0, le=1)  # fraction of samples that get the attention boost
+    region_boost: float = bounded(0.1, gt=-1)  # w_l: loss x (1 + w_l) inside object regions
+    region_prob: float = bounded(0.5, ge=0, le=1)
     pos_markers: bool = False  # "[adj] red [noun] circle" on a fraction of samples
-    pos_marker_prob: float = 0.5
+    pos_marker_prob: float = bounded(0.5, ge=0, le=1)
     enrich_captions: bool = True  # append objects present in the scene but missing from the caption
-    tagger: str = "auto"  # "auto" (spaCy if installed, else lexicon) | "spacy" | "lexicon"
+    tagger: str = bounded("auto", choices=TAGGERS)  # "auto" (spaCy if installed, else lexicon) | "spacy" | "lexicon"
 
 
 @dataclasses.dataclass
@@ -109,28 +119,31 @@ class ContinuedEMA(EMA):
 
 # ---- stage-1 weights ---------------------------------------------------------------------------
 def load_stage1(path: str | Path) -> dict:
-    """{"model", "ema", "optim"} from a checkpoint folder, a training output dir (its latest
-    checkpoint), a pipeline folder or a transformer folder (the last two hold shipped weights only)."""
+    """{"model", "ema", "optim", "step", "config"} from a checkpoint folder, a training output dir (its latest
+    checkpoint), a pipeline folder or a transformer folder (the last two hold shipped weights only: no
+    optimizer state, step 0). Checkpoints are read as safetensors + JSON (ernielab.core.checkpoint)."""
     path = Path(path)
-    if (path / "checkpoints").is_dir():
+    if not path.exists():
+        raise FileNotFoundError(f"mode.init_from {path}: no such stage-1 run, checkpoint or pipeline folder")
+    if (path / CKPT_DIR).is_dir() or (path / "train_config.json").is_file():
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise FileNotFoundError(f"{path} has no finished training checkpoint")
+            raise FileNotFoundError(f"mode.init_from {path}: the run has no finished training checkpoint")
         path = ckpt
     if (path / "state.json").is_file():
-        step = json.loads((path / "state.json").read_text())["step"]
-        out = {"model": load_file(str(path / "model.safetensors")), "ema": None, "optim": None, "step": step}
-        if (path / "ema.safetensors").is_file():
-            out["ema"] = load_file(str(path / "ema.safetensors"))
-        if (path / "optimizer.pt").is_file():
-            out["optim"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)["optimizer"]
-        return out
+        ckpt = load_checkpoint(path)
+        modules, states = ckpt["modules"], ckpt["states"]
+        if "model" not in modules:
+            raise ValueError(f"mode.init_from {path}: the checkpoint holds no model weights")
+        return {"model": modules["model"], "ema": modules.get("ema"), "optim": states.get("optimizer"),
+                "step": ckpt["step"], "config": ckpt["config"], "path": path}
     if (path / "pipeline.json").is_file():
         path = path / "transformer"
     if (path / "model.safetensors").is_file():
         state = load_file(str(path / "model.safetensors"))
-        return {"model": state, "ema": state, "optim": None, "step": 0}
-    raise FileNotFoundError(f"{path} is not a stage-1 checkpoint, training output, pipeline or transformer folder")
+        return {"model": state, "ema": state, "optim": None, "step": 0, "config": None, "path": path}
+    raise FileNotFoundError(f"mode.init_from {path} is not a stage-1 checkpoint, training output, pipeline or "
+                            f"transformer folder")
 
 
 def replicate_state(state: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
@@ -185,33 +198,47 @@ class MoDETrainerMixin:
         mode = self.config.mode
         self._stage1 = load_stage1(mode.init_from) if mode.init_from else None
         if self._stage1 is not None:
-            single.load_state_dict_checked(self._stage1["model"])
+            self.check_stage1(self._stage1)
+            try:
+                single.load_state_dict_checked(self._stage1.pop("model"))
+            except ValueError as e:
+                raise ValueError(f"mode.init_from {self._stage1['path']}: {e}") from None
         if not mode.enabled:
             return single
         return MixtureOfDenoisingExperts.from_single(single, mode.experts, mode.resolved_boundaries())
 
-    def init_ema_from_stage1(self) -> None:
-        if self._stage1 is None or self.ema is None or self._stage1["ema"] is None:
-            return
-        ema = self._stage1["ema"]
-        self.ema.load_state_dict(replicate_state(ema, self.config.mode.experts) if self.config.mode.enabled else ema)
-        # The EMA's warm-up depends on the step; count on from stage 1, or the restarted step counter
-        # would make the copied EMA jump to the raw weights in stage 2's first steps.
-        self.ema = ContinuedEMA(self.ema, self._stage1["step"])
+    def check_stage1(self, stage1: dict) -> None:
+        """A stage-1 checkpoint must hold the model this config trains (not only one of the same shapes)."""
+        saved = (stage1["config"] or {}).get("model")
+        if saved is not None and type(self.config.model).from_dict(saved, strict=False) != self.config.model:
+            raise ValueError(f"mode.init_from {stage1['path']}: stage 1 trained another model config than this "
+                             f"config's model")
 
-    def maybe_resume(self, opt, sched) -> int:
+    @property
+    def find_unused_parameters(self) -> bool:
+        return self.config.mode.enabled  # per-step routing leaves the other experts without gradients
+
+    def make_ema(self, model: nn.Module) -> EMA:
+        """Stage 2's EMA starts from stage 1's, copied into every expert; its warm-up counts on from stage 1's
+        step, or the restarted step counter would make the copied EMA jump to the raw weights at first."""
+        ema = super().make_ema(model)
+        stage1 = self._stage1
+        if stage1 is None or stage1["ema"] is None:
+            return ema
         mode = self.config.mode
-        ckpt = latest_checkpoint(self.out) if self.config.resume == "auto" else None
-        if ckpt is not None:
-            saved = json.loads((ckpt / "state.json").read_text())["config"].get("mode", {})
-            if MoDESettings.from_dict(saved, strict=False).resolved_boundaries() != mode.resolved_boundaries():
-                raise ValueError(f"checkpoint {ckpt} was trained with other experts/boundaries; "
-                                 f"use a new output_dir or resume=''")
-        step = super().maybe_resume(opt, sched)
-        if step == 0 and self._stage1 is not None and self._stage1["optim"] is not None and mode.copy_optimizer:
-            n = mode.experts if mode.enabled else 1
-            opt.load_state_dict(replicate_optimizer_state(self._stage1["optim"], n, opt))
-        return step
+        ema.load_state_dict(replicate_state(stage1["ema"], mode.experts) if mode.enabled else stage1["ema"])
+        return ContinuedEMA(ema, stage1["step"])
+
+    def init_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """A fresh stage 2 starts every expert's Adam moments from stage 1's (a resumed run has its own)."""
+        stage1, mode = self._stage1, self.config.mode
+        if stage1 is None or stage1["optim"] is None or not mode.copy_optimizer:
+            return
+        n = mode.experts if mode.enabled else 1
+        try:
+            optimizer.load_state_dict(replicate_optimizer_state(stage1["optim"], n, optimizer))
+        except ValueError as e:
+            raise ValueError(f"mode.init_from {stage1['path']}: {e}") from None
 
     def prepare_batch(self, batch: dict, g: torch.Generator) -> dict:
         inputs = super().prepare_batch(batch, g)
@@ -234,9 +261,9 @@ class KnowledgeTrainerMixin:
     config: VilgTrainConfig
     region_source = staticmethod(boxes_from_batch)  # batch -> list of [n, 4] pixel boxes (or None) per item
 
-    @property
+    @functools.cached_property
     def tagger(self):
-        return get_tagger(self.config.knowledge.tagger)
+        return get_tagger(self.config.knowledge.tagger)  # once per trainer ("auto" tries spaCy, else warns once)
 
     def knowledge_captions(self, batch: dict, g: torch.Generator):
         """Enriched (and maybe POS-marked) captions with their key words."""
@@ -290,21 +317,13 @@ class KnowledgeTrainerMixin:
 class VilgTrainer(KnowledgeTrainerMixin, MoDETrainerMixin, Trainer):
     """Trainer with MoDE (config.mode) and knowledge enhancement (config.knowledge)."""
 
-    def __init__(self, config: VilgTrainConfig, accelerator=None, region_source=None):
+    def __init__(self, config: TrainConfig, accelerator=None, region_source=None):
         if not isinstance(config, VilgTrainConfig):
             config = VilgTrainConfig.from_dict(config.to_dict())
-        if accelerator is None and config.mode.enabled:
-            from accelerate import Accelerator
-            from accelerate.utils import DistributedDataParallelKwargs
-
-            # per-step routing leaves the other experts without gradients: DDP must allow that
-            accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                                      gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available(),
-                                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         if region_source is not None:
             self.region_source = region_source
+        self._stage1: dict | None = None
         super().__init__(config, accelerator)
-        self.init_ema_from_stage1()
 
 
 # ---- stage 1 -> stage 2 ------------------------------------------------------------------------
@@ -312,39 +331,46 @@ def stage2_config(stage1: TrainConfig, experts: int, steps: int, output_dir: str
                   boundaries: tuple[float, ...] = (), routing: str = "per_step", **changes) -> VilgTrainConfig:
     """Config for MoDE stage 2 from a stage-1 config: same model/data/optimiser settings, `experts`
     copies initialised from `init_from` (default: stage 1's output dir, i.e. its latest checkpoint).
-    The seed moves on by one, so stage 2 draws batches and noise that stage 1 did not."""
-    base = VilgTrainConfig.from_dict(stage1.to_dict())
+    The seed moves on by one (unless `changes` names one), so stage 2 draws batches and noise that stage 1 did
+    not. `changes` are other fields of the stage-2 config; nested sections merge ({"knowledge": {...}})."""
+    if "mode" in changes:
+        raise ValueError("stage 2 sets mode itself (experts, boundaries, routing, init_from); do not override it")
     mode = MoDESettings(experts=experts, boundaries=tuple(boundaries), routing=routing,
                         init_from=init_from or stage1.output_dir)
-    return base.replace(mode=mode, steps=steps, output_dir=output_dir, seed=stage1.seed + 1, **changes)
+    mode.validate("mode")
+    data = {**stage1.to_dict(), "resume": "auto", "seed": stage1.seed + 1}
+    data = deep_merge(data, {k: v.to_dict() if isinstance(v, Config) else v for k, v in changes.items()})
+    data.update(mode=mode.to_dict(), steps=steps, output_dir=output_dir)
+    return VilgTrainConfig.from_dict(data)
 
 
-# ---- CLI ---------------------------------------------------------------------------------------
-def _cli():
-    import typer
+@dataclasses.dataclass
+class Stage2Config(Config):
+    """`ernielab vilg stage2 CONFIG`: MoDE stage 2 of a finished stage-1 run. The stage-2 training config is
+    the stage-1 run's own (its train_config.json) with these experts, steps and output_dir, seed + 1, and the
+    `overrides` (other training fields, e.g. {"save_every": 100, "warmup_steps": 0})."""
 
-    from ernielab.core.cli import load_config, set_threads, user_errors
+    stage1: str = ""  # the stage-1 run folder (its output_dir)
+    checkpoint: str = ""  # start from this checkpoint (or pipeline) folder instead of the run's latest checkpoint
+    experts: int = bounded(4, ge=1)
+    boundaries: tuple[float, ...] = ()  # empty: equal intervals
+    routing: str = bounded("per_step", choices=ROUTINGS)
+    steps: int = bounded(500, ge=1)
+    output_dir: str = "runs/vilg_mode"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    app = typer.Typer(add_completion=False, no_args_is_help=True, help="ERNIE-ViLG 2.0 training (MoDE, knowledge).")
+    def check(self) -> None:
+        if not self.stage1:
+            raise ValueError("stage1: name the stage-1 run folder (the output_dir of `ernielab vilg train`)")
+        if "mode" in self.overrides:
+            raise ValueError("overrides.mode: stage 2 sets mode itself (experts, boundaries, routing)")
+        MoDESettings(experts=self.experts, boundaries=tuple(self.boundaries), routing=self.routing).validate()
 
-    @app.command()
-    @user_errors
-    def train(config: Path, set_: list[str] = typer.Option([], "--set", help="override a field, e.g. --set steps=10"),
-              threads: int = typer.Option(0, help="torch threads (0: torch's default)")):
-        """Train with a VilgTrainConfig JSON (any TrainConfig JSON plus `mode` / `knowledge`)."""
-        set_threads(threads)
-        print(json.dumps(VilgTrainer(load_config(VilgTrainConfig, config, set_)).train()))
-
-    @app.command()
-    def stage2(stage1_dir: Path, experts: int = 4, steps: int = 500, out: str = "runs/mode_stage2",
-               routing: str = "per_step"):
-        """Copy a finished stage-1 run (its train_config.json and latest checkpoint) into N experts and train."""
-        stage1 = VilgTrainConfig.load(stage1_dir / "train_config.json")
-        cfg = stage2_config(stage1, experts, steps, out, init_from=str(stage1_dir), routing=routing)
-        print(json.dumps(VilgTrainer(cfg).train()))
-
-    return app
-
-
-if __name__ == "__main__":
-    _cli()()
+    def train_config(self) -> VilgTrainConfig:
+        run = Path(self.stage1)
+        saved = run / "train_config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"stage1 {run} is not a training run folder (train_config.json missing)")
+        stage1 = VilgTrainConfig.load(saved, strict=False)
+        return stage2_config(stage1, self.experts, self.steps, self.output_dir, init_from=self.checkpoint or str(run),
+                             boundaries=self.boundaries, routing=self.routing, **self.overrides)
