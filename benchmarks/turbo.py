@@ -10,7 +10,7 @@ rows interleaved and repeated `--time-repeats` times, median taken, so a CPU sha
 slows every row alike. Text features are cached before timing (every row would pay the same cost).
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/turbo.py \
-        --student dmd=runs/distill/dmd/student --n-fid 300 --n-align 50
+        --student dmd=runs/distill/dmd/student --n-fid 300 --n-align 50     # -> outputs/turbo/turbo.json
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def parse_args():
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--time-batch", type=int, default=16)
     ap.add_argument("--time-repeats", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results/turbo/turbo.json")
+    ap.add_argument("--out", default="outputs/turbo/turbo.json",
+                    help="report JSON (the measured ones are under benchmarks/results/turbo/; pass --out to replace one)")
     ap.add_argument("--cache", default="runs/distill/bench_cache",
                     help="folder caching generated quality sets (keyed by model, sampling, prompts, seed); '' = off")
     ap.add_argument("--precompute-only", action="store_true",
@@ -90,8 +91,8 @@ def few_step_rows(name: str, pipe, path: str, **extra) -> list[dict]:
 
 
 def generate(row: dict, prompts: list[str], seed: int, batch_size: int) -> torch.Tensor:
-    return row["pipe"].generate(prompts, seed=seed, steps=row["steps"], guidance_scale=row["guidance"],
-                                shift=row["shift"], batch_size=batch_size)
+    return row["pipe"](prompts, seed=seed, num_inference_steps=row["steps"], guidance_scale=row["guidance"],
+                       shift=row["shift"], batch_size=batch_size, output_type="pt").images
 
 
 def cached_images(row: dict, prompts: list[str], seed: int, args) -> np.ndarray:

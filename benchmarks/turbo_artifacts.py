@@ -5,12 +5,13 @@ image shows up as mid-tone pixels and a raised background level, which Inception
 Every model draws the same held-out captions with the same seeds as benchmarks/turbo.py.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/turbo_artifacts.py --teacher runs/default_v1 \
-        --student dmd_reg=runs/distill/dmd_reg/student --n 200
+        --student dmd_reg=runs/distill/dmd_reg/student --n 200     # -> outputs/turbo/artifacts.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,28 +45,32 @@ def main() -> None:
     ap.add_argument("--student", action="append", default=[], help="NAME=FOLDER (repeatable)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", default="outputs/turbo/artifacts.json",
+                    help="statistics JSON (the measured ones are under benchmarks/results/turbo/); '' = none")
     args = ap.parse_args()
     torch.set_num_threads(1)
     real = real_split(DataConfig(kind="shapes", image_size=32), args.n)
     captions = list(real["caption"])
     rows = {"real (held-out)": pixel_stats(to_uint8(real["image"]))}
     teacher = TextToImagePipeline.from_pretrained(args.teacher)
-    rows["teacher 50 steps CFG"] = pixel_stats(to_uint8(teacher.generate(captions, seed=args.seed, batch_size=50)))
-    rows["teacher 8 steps no CFG"] = pixel_stats(to_uint8(teacher.generate(captions, seed=args.seed, batch_size=50,
-                                                                           steps=8, guidance_scale=1.0)))
+    rows["teacher 50 steps CFG"] = pixel_stats(teacher(captions, seed=args.seed, batch_size=50,
+                                                       output_type="np").images)
+    rows["teacher 8 steps no CFG"] = pixel_stats(teacher(captions, seed=args.seed, batch_size=50, num_inference_steps=8,
+                                                         guidance_scale=1.0, output_type="np").images)
     for spec in args.student:
         name, _, path = spec.partition("=")
         pipe = TextToImagePipeline.from_pretrained(path)
-        rows[f"{name} (8 steps)"] = pixel_stats(to_uint8(pipe.generate(captions, seed=args.seed, batch_size=50)))
+        rows[f"{name} (8 steps)"] = pixel_stats(pipe(captions, seed=args.seed, batch_size=50, output_type="np").images)
     print("| images | foreground | mid-tone | background level (0-255) | exactly black | objects / image |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['foreground_fraction']:.3f} | {r['mid_tone_fraction']:.4f} | {r['background_level']:.2f} | "
               f"{r['exactly_black_fraction']:.2f} | {r['objects_per_image']:.2f} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

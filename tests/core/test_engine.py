@@ -187,3 +187,17 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
         with pytest.raises(ValueError):
             fit(tmp_path / "x", **bad)
     assert not (tmp_path / "x").exists()
+
+
+def test_branch_from_another_run(tmp_path):
+    """A new run may start from another run's checkpoint with other settings; the change is recorded, and the
+    branch then resumes from its own checkpoints (never again from the origin)."""
+    fit(tmp_path / "base", steps=4)
+    origin = latest_checkpoint(tmp_path / "base")
+    result, _ = fit(tmp_path / "branch", steps=6, lr=0.01, branch_from=str(origin))
+    assert result["step"] == 6
+    first = json.loads((tmp_path / "branch" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 4, "branched_from": str(origin), "changed": ["lr"]}
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        fit(tmp_path / "branch", steps=8, lr=0.02, branch_from=str(origin))
+    assert fit(tmp_path / "branch", steps=8, lr=0.01, branch_from=str(origin))[0]["step"] == 8

@@ -29,7 +29,7 @@ from ernielab.core.schedules import lr_factor
 
 # Settings that may differ when a run is resumed: they change how long or how visibly it runs, not what it learns.
 RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "keep_checkpoints", "max_minutes", "eval_every",
-                     "num_workers", "output_dir", "resume", "threads"}
+                     "num_workers", "output_dir", "resume", "threads", "branch_from"}
 
 
 @dataclasses.dataclass
@@ -55,6 +55,7 @@ class EngineSettings(Config):
     keep_checkpoints: int = bounded(2, ge=1)
     max_minutes: float = bounded(0.0, ge=0)  # > 0: save and stop after this wall time, exporting nothing
     resume: str = "auto"  # "auto": latest checkpoint in output_dir; "": start fresh (clears the run); or a path
+    branch_from: str = ""  # a new run continues another run's checkpoint (settings may differ; recorded in metrics)
 
 
 class RunInUse(ValueError):
@@ -165,6 +166,7 @@ class Engine:
         self.config.validate()
         self.run_dir = Path(self.config.output_dir)
         self.accelerator = accelerator
+        self.branched: dict | None = None  # set when the run starts from another run's checkpoint
         task.engine = self
 
     @property
@@ -210,6 +212,8 @@ class Engine:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "train_config.json")
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", step) if acc.is_main_process else None
+        if metrics and self.branched:
+            metrics.write(self.branched)
         wrapped, opt = acc.prepare(model, opt)
         bar = tqdm(total=cfg.steps, initial=step, disable=not acc.is_local_main_process, desc="train")
         t0 = last_log = time.time()
@@ -319,7 +323,11 @@ class Engine:
 
     # ---- persistence -------------------------------------------------------------------------------
     def checkpoint_to_resume(self) -> dict | None:
-        """The checkpoint this run continues, checked against the config; `resume=""` clears the run folder."""
+        """The checkpoint this run continues, checked against the config; `resume=""` clears the run folder.
+
+        A run folder's own checkpoint must have been trained with the same settings (but for RESUMABLE_CHANGES). A
+        run with no checkpoint of its own may start from another run's (`branch_from`): weights, optimizer and step
+        carry over, settings may differ, and the differences are written to metrics.jsonl."""
         cfg = self.config
         if not cfg.resume:
             if self.accelerator.is_main_process:
@@ -327,17 +335,24 @@ class Engine:
                     target = self.run_dir / name
                     remove_tree(target) if target.is_dir() else target.unlink(missing_ok=True)
             self.accelerator.wait_for_everyone()
+        path = None
+        if cfg.resume:
+            path = latest_checkpoint(self.run_dir) if cfg.resume == "auto" else Path(cfg.resume)
+        if path is not None:
+            checkpoint = load_checkpoint(path)
+            changed = [k for k in config_changes(checkpoint["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+            if changed:
+                raise ValueError(f"cannot resume {path}: it was trained with other settings ({', '.join(changed[:5])}); "
+                                 f"use the same settings, --fresh to start over, or a new output_dir")
+        elif cfg.branch_from:
+            checkpoint = load_checkpoint(cfg.branch_from)
+            changed = [k for k in config_changes(checkpoint["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+            self.branched = {"step": checkpoint["step"], "branched_from": str(cfg.branch_from), "changed": changed}
+        else:
             return None
-        path = latest_checkpoint(self.run_dir) if cfg.resume == "auto" else Path(cfg.resume)
-        if path is None:
-            return None
-        checkpoint = load_checkpoint(path)
-        changed = [k for k in config_changes(checkpoint["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES]
-        if changed:
-            raise ValueError(f"cannot resume {path}: it was trained with other settings ({', '.join(changed[:5])}); "
-                             f"use the same settings, --fresh to start over, or a new output_dir")
         if checkpoint["step"] > cfg.steps:
-            raise ValueError(f"cannot resume {path}: it is at step {checkpoint['step']}, past steps={cfg.steps}")
+            raise ValueError(f"cannot continue {checkpoint['path']}: it is at step {checkpoint['step']}, past "
+                             f"steps={cfg.steps}")
         return checkpoint
 
     def restore(self, checkpoint: dict, modules: dict[str, nn.Module], ema: EMA | None, opt, sched) -> int:

@@ -1,29 +1,29 @@
-"""`ernielab distill CONFIG`: few-step CFG-free student by distribution matching (DMD2 style; MT-DMD)."""
-from __future__ import annotations
+"""`ernielab turbo train CONFIG`: few-step CFG-free student by distribution matching (DMD2 style; MT-DMD).
 
-from pathlib import Path
-from typing import Optional
+The student is written to OUTPUT_DIR/student, a pipeline folder for `generate` / `image eval`; configs are in
+configs/turbo/."""
+from __future__ import annotations
 
 import typer
 
-from ernielab.core.cli import load_config, run_options, set_threads, user_errors
+from ernielab.core.cli import add_train_command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="ERNIE-Image-Turbo: distil a CFG teacher (or a sigma-weighted mix of teachers) into a "
+                       "few-step, CFG-free student (DMD / MT-DMD).")
 
 
-@user_errors
-def distill(config: Path = typer.Argument(..., help="distillation config JSON (see configs/distill_*.json)"),
-            set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set steps=100"),
-            output_dir: Optional[str] = typer.Option(None, help="override output_dir"),
-            fresh: bool = typer.Option(False, help="ignore existing checkpoints (do not resume)"),
-            threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)")):
-    """Distil a CFG teacher (or a sigma-weighted mix of teachers) into a few-step student; resumes by default.
+@app.callback()
+def turbo() -> None:
+    """ERNIE-Image-Turbo: DMD / MT-DMD distillation into a few-step, CFG-free student (OUTPUT_DIR/student)."""
 
-    The student is written to OUTPUT_DIR/student, a pipeline folder for `generate` / `eval`."""
+
+def run(config) -> dict:
     from ernielab.turbo.distill import DistillTrainer
 
-    set_threads(threads)
-    from ernielab.turbo.distill import DistillConfig
+    return DistillTrainer(config).train()
 
-    cfg = load_config(DistillConfig, config, set_)
-    cfg = run_options(cfg, output_dir, fresh)
-    result = DistillTrainer(cfg).train()
-    typer.echo(f"distilled to step {result['step']} in {result['elapsed_s']:.0f}s; student at {result['student']}")
+
+add_train_command(app, "ernielab.turbo.distill:DistillConfig", run,
+                  "a few-step, CFG-free student (OUTPUT_DIR/student) by distribution matching")
+

@@ -9,7 +9,7 @@ Per generator update (all draws seeded by (seed, step), so a resumed run is exac
    teacher trained on student samples. The generator moves x0_hat along x0_real - x0_fake,
    divided by mean |x0_hat - x0_real| (DMD's normalisation), via an MSE to a stop-grad target.
 3. Optional regression: student n-step samples vs. the teachers' 50-step ODE outputs from the
-   same noise (a small set computed once and cached in the run folder).
+   same noise (a small set computed once and cached in the run folder as safetensors + JSON).
 4. Two-time-scale update: `fake_updates` flow-matching steps of the fake-score net on the
    detached x0_hat (fresh noise and sigma each), as DMD2's TTUR.
 5. Optional GAN head (DMD2): a small per-token classifier on the fake-score net's hidden image
@@ -21,38 +21,46 @@ Per generator update (all draws seeded by (seed, step), so a resumed run is exac
    velocity at the same state. This teaches the student what a teacher finisher step does (remove
    the fine residual noise DMD cannot see at its re-noising levels) so no second network ships.
 
-The run folder is a normal training run: `checkpoints/` (student weights + EMA as model/ema;
-fake-score weights and both optimizers in optimizer.pt), `metrics.jsonl`, `train_config.json`
-(a plain TrainConfig, so `ernielab export` works) beside `distill_config.json`, and at the end
-`student/`, a pipeline folder with steps = the first student schedule, guidance 1.
+The core engine runs it: the student is the engine's "model" (its optimizer, schedule, EMA, clipping and
+export); the fake-score net ("fake") and the GAN head ("gan_head") are further modules the engine saves and
+resumes; the fake-score optimizer and its schedule are this task's state. Steps 1-3, 5 (generator side) and 6
+are `loss`; step 4 and the discriminator run in `after_step`. The run folder is a normal training run:
+`checkpoints/` (model/ema are the student's, so `ernielab image export` reads them), `metrics.jsonl`,
+`train_config.json`, and at the end `student/`, a pipeline folder with steps = the first student schedule,
+guidance 1.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-import time
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ernielab.core.metrics import MetricsLog
+from ernielab.core.config import bounded
 from ernielab.core.schedules import lr_factor
 from ernielab.core.seeding import generator
 from ernielab.image.config import ErnieImageConfig, check_interchangeable
-from ernielab.image.flow_matching import TIMESTEP_SCALE, add_noise, flow_matching_loss, sample_training_sigmas
-from ernielab.image.pipeline import DEFAULT_MODEL, PIPELINE_CONFIG, PipelineConfig
+from ernielab.image.flow_matching import (TIMESTEP_SAMPLING, TIMESTEP_SCALE, add_noise, flow_matching_loss,
+                                          sample_training_sigmas)
+from ernielab.image.pipeline import DEFAULT_MODEL, PIPELINE_CONFIG, PipelineConfig, TextToImagePipeline
 from ernielab.image.samplers import euler_sample, model_denoiser, sigma_schedule
-from ernielab.image.train import StepBatchSampler, TrainConfig, Trainer
-from ernielab.turbo.teachers import TeacherMixture, parse_teachers
+from ernielab.image.train import TrainConfig, Trainer, batch_indices
+from ernielab.image.transformer import ErnieImageTransformer
+from ernielab.turbo.teachers import WEIGHTINGS, TeacherMixture, TeacherSpec, mixture_weights, parse_teachers
 from ernielab.worlds.registry import collate
 
 DEFAULT_TEACHER = str(DEFAULT_MODEL)  # the bundled model
-REGRESSION_FILE = "regression_pairs.pt"
+REGRESSION_TENSORS = "regression_pairs.safetensors"  # noise and teacher targets
+REGRESSION_META = "regression_pairs.json"  # captions, teacher_steps, teachers (written last)
 
 
 @dataclasses.dataclass
@@ -61,35 +69,51 @@ class DistillConfig(TrainConfig):
     latent space and image size are taken from the student's initial weights (`init_from`, default: the
     first teacher)."""
 
-    teachers: list = dataclasses.field(default_factory=lambda: [{"path": DEFAULT_TEACHER, "guidance_scale": 4.0}])
-    teacher_weighting: str = "piecewise_linear"  # | "softmax" (see diffusion.teachers)
-    teacher_temperature: float = 0.05
-    student_steps: tuple[int, ...] = (8,)  # schedules the backward simulation draws from; the first ships
-    student_shift: float = 1.0
-    fake_updates: int = 2  # fake-score updates per generator update (two time-scale rule)
-    fake_lr: float = 0.0  # 0: same as lr
-    dmd_sigma_min: float = 0.02  # re-noising range of the distribution-matching loss
-    dmd_sigma_max: float = 0.98
-    regression_weight: float = 0.0
-    regression_pairs: int = 0  # teacher ODE samples computed once (0: no regression loss)
-    regression_batch: int = 8
-    teacher_steps: int = 50  # ODE steps of the regression targets
-    gan_weight: float = 0.0  # generator's non-saturating GAN loss weight (0: no GAN head)
-    gan_disc_weight: float = 1.0  # discriminator loss weight inside the fake-score updates
-    gan_feature_depth: int = 0  # blocks of the fake-score net before the head reads them; 0 = half the depth
-    gan_sigma_max: float = 1.0  # GAN inputs are re-noised to sigma in [0, gan_sigma_max]: low noise shows fine detail
+    teachers: list[TeacherSpec] = dataclasses.field(
+        default_factory=lambda: [TeacherSpec(path=DEFAULT_TEACHER, guidance_scale=4.0)])
+    teacher_weighting: str = bounded("piecewise_linear", choices=WEIGHTINGS)  # see turbo.teachers
+    teacher_temperature: float = bounded(0.05, gt=0)
+    student_steps: tuple[int, ...] = bounded((8,), ge=1)  # schedules the backward simulation draws; the first ships
+    student_shift: float = bounded(1.0, gt=0)
+    fake_updates: int = bounded(2, ge=1)  # fake-score updates per generator update (two time-scale rule)
+    fake_lr: float = bounded(0.0, ge=0)  # 0: same as lr
+    dmd_sigma_min: float = bounded(0.02, gt=0, lt=1)  # re-noising range of the distribution-matching loss
+    dmd_sigma_max: float = bounded(0.98, gt=0, le=1)
+    regression_weight: float = bounded(0.0, ge=0)
+    regression_pairs: int = bounded(0, ge=0)  # teacher ODE samples computed once (0: no regression loss)
+    regression_batch: int = bounded(8, ge=1)
+    teacher_steps: int = bounded(50, ge=1)  # ODE steps of the regression targets
+    gan_weight: float = bounded(0.0, ge=0)  # generator's non-saturating GAN loss weight (0: no GAN head)
+    gan_disc_weight: float = bounded(1.0, ge=0)  # discriminator loss weight inside the fake-score updates
+    gan_feature_depth: int = bounded(0, ge=0)  # blocks of the fake-score net before the head reads them; 0 = half
+    gan_sigma_max: float = bounded(1.0, gt=0, le=1)  # GAN inputs re-noised to sigma in [0, gan_sigma_max]
     fake_init_from: str = ""  # fake-score net's initial weights (a data denoiser, e.g. the teacher); "" = init_from
-    finisher_steps: int = 0  # ship the first teacher inside student/ to take the last N steps (no CFG); 0 = student only
-    final_step_weight: float = 0.0  # weight of the on-policy last-step regression onto the first teacher (0: off)
+    finisher_steps: int = bounded(0, ge=0)  # ship the first teacher in student/ for the last N steps (no CFG)
+    final_step_weight: float = bounded(0.0, ge=0)  # on-policy last-step regression onto the first teacher (0: off)
     # TrainConfig defaults that suit distillation better
     output_dir: str = "runs/distill"
-    lr: float = 2e-5
-    warmup_steps: int = 20
-    ema_decay: float = 0.99
-    cfg_dropout: float = 0.0  # unused: the student never sees the empty prompt
-    timestep_sampling: str = "uniform"  # the fake-score net's noise levels
-    save_every: int = 100
-    log_every: int = 10
+    lr: float = bounded(2e-5, gt=0)
+    warmup_steps: int = bounded(20, ge=0)
+    ema_decay: float = bounded(0.99, ge=0, lt=1)
+    cfg_dropout: float = bounded(0.0, ge=0, le=1)  # unused: the student never sees the empty prompt
+    timestep_sampling: str = bounded("uniform", choices=TIMESTEP_SAMPLING)  # the fake-score net's noise levels
+    save_every: int = bounded(100, ge=1)
+    log_every: int = bounded(10, ge=1)
+
+    def check(self) -> None:
+        super().check()
+        if not self.teachers:
+            raise ValueError("distillation needs at least one teacher (teachers: [{\"path\": ...}])")
+        for i, spec in enumerate(self.teachers):
+            spec.validate(f"teachers[{i}]")
+        if not self.student_steps:
+            raise ValueError("student_steps must list at least one step count, e.g. [8, 4]")
+        if self.dmd_sigma_min >= self.dmd_sigma_max:
+            raise ValueError(f"need dmd_sigma_min < dmd_sigma_max, got {self.dmd_sigma_min}, {self.dmd_sigma_max}")
+        if self.grad_accum != 1:
+            raise ValueError("distillation does not support grad_accum > 1")
+        # knots that leave a noise level without weight fail here, before anything loads
+        mixture_weights(torch.linspace(0, 1, 101), self.teachers, self.teacher_weighting, self.teacher_temperature)
 
 
 # ---- config resolution -------------------------------------------------------------------------
@@ -98,22 +122,9 @@ def student_init_path(cfg: DistillConfig) -> Path:
 
 
 def resolve_config(cfg: DistillConfig) -> DistillConfig:
-    """Fill model / text encoder / latents / size from the student's initial pipeline; set the shipped sampling."""
+    """Fill model / text encoder / latents / size from the student's initial pipeline; set the shipped sampling.
+    Missing folders and a student that is not a plain transformer are refused here, before anything is written."""
     specs = parse_teachers(cfg.teachers)
-    if not cfg.student_steps or any(int(n) < 1 for n in cfg.student_steps):
-        raise ValueError(f"student_steps must be positive step counts, got {list(cfg.student_steps)}")
-    if cfg.fake_updates < 1:
-        raise ValueError(f"fake_updates must be >= 1, got {cfg.fake_updates}")
-    if not 0.0 < cfg.dmd_sigma_min < cfg.dmd_sigma_max <= 1.0:
-        raise ValueError(f"need 0 < dmd_sigma_min < dmd_sigma_max <= 1, got {cfg.dmd_sigma_min}, {cfg.dmd_sigma_max}")
-    if cfg.grad_accum != 1:
-        raise ValueError("distillation does not support grad_accum > 1")
-    if cfg.gan_weight < 0 or cfg.gan_disc_weight < 0:
-        raise ValueError(f"GAN weights must be >= 0, got {cfg.gan_weight}, {cfg.gan_disc_weight}")
-    if cfg.final_step_weight < 0:
-        raise ValueError(f"final_step_weight must be >= 0, got {cfg.final_step_weight}")
-    if not 0.0 < cfg.gan_sigma_max <= 1.0:
-        raise ValueError(f"gan_sigma_max must lie in (0, 1], got {cfg.gan_sigma_max}")
     for spec in specs:
         if not Path(spec.path).exists():
             raise FileNotFoundError(f"teacher folder not found: {spec.path}")
@@ -136,13 +147,7 @@ def resolve_config(cfg: DistillConfig) -> DistillConfig:
         raise FileNotFoundError(f"fake_init_from folder not found: {fake_init}")
     return cfg.replace(model=model_cfg, text_encoder=pipe_cfg.text_encoder, latent=pipe_cfg.latent,
                        data=cfg.data.replace(image_size=pipe_cfg.height), sampling=sampling,
-                       init_from=str(init), student_steps=tuple(int(n) for n in cfg.student_steps),
-                       gan_feature_depth=depth, fake_init_from=str(fake_init))
-
-
-def plain_train_config(cfg: DistillConfig) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k in names})
+                       init_from=str(init), gan_feature_depth=depth, fake_init_from=str(fake_init))
 
 
 class DiscriminatorHead(nn.Module):
@@ -169,52 +174,110 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(True)
 
 
-class TrainingState:
-    """What resumes the distillation besides the student: fake-score net (+ GAN head) and both
-    optimizers/schedulers. Passed to save_checkpoint as its 'optimizer' (anything with state_dict), so the
-    checkpoint's model/ema files stay the student's and `ernielab export` reads them unchanged."""
-
-    def __init__(self, opt_g, opt_f, sched_f, fake: nn.Module, head: nn.Module | None = None):
-        self.opt_g, self.opt_f, self.sched_f, self.fake, self.head = opt_g, opt_f, sched_f, fake, head
-
-    def state_dict(self) -> dict:
-        state = {"generator": self.opt_g.state_dict(), "fake_optimizer": self.opt_f.state_dict(),
-                 "fake_scheduler": self.sched_f.state_dict(),
-                 "fake_model": {k: v.detach().cpu() for k, v in self.fake.state_dict().items()}}
-        if self.head is not None:
-            state["gan_head"] = {k: v.detach().cpu() for k, v in self.head.state_dict().items()}
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        if (self.head is None) != ("gan_head" not in state):
-            raise ValueError("checkpoint and config disagree on the GAN head (gan_weight); resume with the "
-                             "settings the run started with, or start a new output_dir")
-        self.opt_g.load_state_dict(state["generator"])
-        self.opt_f.load_state_dict(state["fake_optimizer"])
-        self.sched_f.load_state_dict(state["fake_scheduler"])
-        self.fake.load_state_dict(state["fake_model"])
-        if self.head is not None:
-            self.head.load_state_dict(state["gan_head"])
-
-
-# ---- the trainer -------------------------------------------------------------------------------
+# ---- the task ----------------------------------------------------------------------------------
 class DistillTrainer(Trainer):
-    """Reuses Trainer's accelerator, data, seeds, EMA, checkpoint format and export; owns the DMD loop."""
+    """Reuses Trainer's data, seeds, text encoder, latents and export; the engine runs the loop."""
+
+    export_name = "student"
 
     def __init__(self, config: DistillConfig, accelerator=None):
-        config = resolve_config(config)
-        super().__init__(config, accelerator)  # student = build_model(), initialised from init_from
+        super().__init__(resolve_config(config), accelerator)
+        self.teachers: TeacherMixture | None = None
+        self.fake: nn.Module | None = None
+        self.head: DiscriminatorHead | None = None
+        self.opt_f: torch.optim.Optimizer | None = None
+        self.sched_f = None
+        self.pairs: dict | None = None
+        self.prepared: tuple | None = None  # (fake, head, fake optimizer) as accelerate prepared them
+        self.pending: dict | None = None  # what the step's fake-score updates need from its generator update
+
+    # ---- engine hooks ------------------------------------------------------------------------
+    def build(self) -> dict[str, nn.Module]:
+        """Student (from init_from), teachers, fake score, GAN head: in the order the weights were always drawn."""
+        modules = super().build()
         cfg, device = self.config, self.accelerator.device
+        self.model.to(device)
         self.teachers = TeacherMixture.load(parse_teachers(cfg.teachers), cfg.teacher_weighting,
                                             cfg.teacher_temperature, device)
         for spec, teacher in zip(self.teachers.specs, self.teachers.models):
             check_interchangeable(cfg.model, teacher.config, f"teacher {spec.path} vs. the student")
+        if cfg.finisher_steps > 0 and not isinstance(self.teachers.models[0], ErnieImageTransformer):
+            raise ValueError("finisher_steps needs a plain ErnieImageTransformer as the first teacher")
         # The fake score starts as a denoiser of the data (DMD2: the teacher), not as the few-step student.
         self.fake = copy.deepcopy(self.model)
         if Path(cfg.fake_init_from) != Path(cfg.init_from):
             self.load_initial_weights(self.fake, Path(cfg.fake_init_from))
-        self.head = DiscriminatorHead(cfg.model.hidden_size).to(device) if cfg.gan_weight > 0 else None
-        self.metrics: MetricsLog | None = None
+        modules["fake"] = self.fake
+        if cfg.gan_weight > 0:
+            self.head = DiscriminatorHead(cfg.model.hidden_size).to(device)
+            modules["gan_head"] = self.head
+        fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
+        self.opt_f = torch.optim.AdamW(fake_params, lr=cfg.fake_lr or cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched_f = torch.optim.lr_scheduler.LambdaLR(
+            self.opt_f, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
+        return modules
+
+    def batch(self, step: int, micro: int) -> dict:
+        cfg = self.config
+        k = step * cfg.grad_accum + micro
+        return collate([self.dataset[i] for i in batch_indices(len(self.dataset), cfg.batch_size, cfg.seed, k,
+                                                               self.rank)])
+
+    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The generator's loss: distribution matching (+ regression, GAN, final-step terms)."""
+        cfg, acc = self.config, self.accelerator
+        self.prepare_auxiliary()
+        g = self.generator(step)
+        cond, uncond = self.encode(list(batch["caption"]))
+        with acc.autocast():
+            x0, info = self.backward_simulation(model, cond, g)
+            loss_dmd = self.dmd_loss(x0, cond, uncond, g)
+            loss = loss_dmd
+            loss_reg = loss_gan = loss_final = torch.zeros(())
+            if self.pairs is not None:
+                loss_reg = self.regression_loss(model, self.pairs, step)
+                loss = loss + cfg.regression_weight * loss_reg
+            if self.head is not None:
+                loss_gan = self.gan_generator_loss(x0, cond, g)
+                loss = loss + cfg.gan_weight * loss_gan
+            if cfg.final_step_weight > 0:
+                loss_final = self.final_step_loss(model, info["x_k"], info["student_k"], info["student_n"], cond)
+                loss = loss + cfg.final_step_weight * loss_final
+        self.pending = {"x0": x0.detach().float(), "images": batch["image"], "cond": cond}
+        gan = {"loss_gan": loss_gan.item()} if self.head is not None else {}
+        final = {"loss_final": loss_final.item()} if cfg.final_step_weight > 0 else {}
+        return loss, {"loss_dmd": loss_dmd.item(), "loss_reg": loss_reg.item(), **gan, **final,
+                      "student_k": info["student_k"]}
+
+    def after_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, float]:
+        """The fake score (and GAN head) catch up on this step's student samples."""
+        pending, self.pending = self.pending, None
+        real = None
+        if self.head is not None:
+            real = self.latent_space.encode(pending["images"].to(pending["x0"].device)).float()
+        return self.fake_score_updates(pending["x0"], real, pending["cond"], step)
+
+    def state(self) -> dict[str, Any]:
+        return {"fake_optimizer": self.opt_f.state_dict(), "fake_scheduler": self.sched_f.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if "fake_optimizer" not in state:
+            raise ValueError(f"cannot resume {self.out}: its checkpoint is not a distillation checkpoint "
+                             f"(no fake-score optimizer); use --fresh or a new output_dir")
+        self.opt_f.load_state_dict(state["fake_optimizer"])
+        self.sched_f.load_state_dict(state["fake_scheduler"])
+
+    def prepare_auxiliary(self) -> None:
+        """Once, after any resume: fake score, head and their optimizer through accelerate (DDP keeps the
+        replicas' fake-score gradients in sync), and the regression targets."""
+        if self.prepared is not None:
+            return
+        acc = self.accelerator
+        fake, opt_f = acc.prepare(self.fake, self.opt_f)
+        head = acc.prepare(self.head) if self.head is not None else None
+        fake.train()
+        self.prepared = (fake, head, opt_f)
+        self.pairs = self.regression_pairs()
 
     # ---- pieces of one update ---------------------------------------------------------------
     def encode(self, captions: list[str]):
@@ -285,11 +348,11 @@ class DistillTrainer(Trainer):
         cfg = self.config
         return cfg.gan_sigma_max * sample_training_sigmas(n, g, cfg.timestep_sampling, cfg.timestep_shift, device)
 
-    def fake_score_updates(self, fake, head, opt_f, sched_f, x0: torch.Tensor, real: torch.Tensor | None,
-                           cond, step: int) -> dict:
+    def fake_score_updates(self, x0: torch.Tensor, real: torch.Tensor | None, cond, step: int) -> dict[str, float]:
         """Flow matching of the fake score on student samples; with a GAN head, plus the discriminator loss
         on (noised) student samples vs. the batch's real images under the same captions."""
         cfg, acc = self.config, self.accelerator
+        fake, head, opt_f = self.prepared
         params = [p for group in opt_f.param_groups for p in group["params"]]  # fake net (+ GAN head)
         records = []
         for j in range(cfg.fake_updates):
@@ -323,28 +386,28 @@ class DistillTrainer(Trainer):
             opt_f.step()
             opt_f.zero_grad(set_to_none=True)
             records.append({"loss_fake": loss_fm.detach().float(), **record})
-        sched_f.step()
+        self.sched_f.step()
         return {k: torch.stack([r[k] for r in records]).mean().item() for k in records[0]}
 
     # ---- regression targets ----------------------------------------------------------------
     @torch.no_grad()
     def regression_pairs(self) -> dict | None:
-        """Teachers' ODE outputs (teacher_steps Euler steps, mixture velocity with CFG) for fixed noise + captions."""
+        """Teachers' ODE outputs (teacher_steps Euler steps, mixture velocity with CFG) for fixed noise + captions,
+        cached in the run folder as safetensors (noise, target) + JSON (captions, teacher_steps, teachers) and
+        reused when all of those match."""
         cfg = self.config
         if cfg.regression_pairs <= 0 or cfg.regression_weight <= 0:
             return None
-        path = self.out / REGRESSION_FILE
-        if path.is_file():
-            pairs = torch.load(path, weights_only=False)
-            # reuse only targets of the same teachers (paths, guidance, weights), count and ODE steps
-            if (len(pairs["noise"]) == cfg.regression_pairs and pairs.get("teacher_steps") == cfg.teacher_steps
-                    and pairs.get("teachers") == list(cfg.teachers)):
-                return pairs
         g = generator("regression-pairs", cfg.seed)
         idx = torch.randint(len(self.dataset), (cfg.regression_pairs,), generator=g).tolist()
         captions = [self.dataset[i]["caption"] for i in idx]
         c, h, w = self.latent_space.latent_shape(cfg.data.image_size, cfg.data.image_size)
         noise = torch.randn((len(captions), c, h, w), generator=g)
+        meta = {"captions": captions, "teacher_steps": cfg.teacher_steps,
+                "teachers": [spec.to_dict() for spec in parse_teachers(cfg.teachers)]}
+        cached = self.cached_regression_pairs(meta, noise)
+        if cached is not None:
+            return cached
         sigmas = sigma_schedule(cfg.teacher_steps, 1.0)
         targets = []
         for s in tqdm(range(0, len(captions), 32), desc="teacher ODE targets",
@@ -352,119 +415,38 @@ class DistillTrainer(Trainer):
             cond, uncond = self.encode(captions[s : s + 32])
             targets.append(euler_sample(lambda x, sig: self.teachers(x, sig, cond, uncond),
                                         noise[s : s + 32].to(self.accelerator.device), sigmas).cpu())
-        pairs = {"captions": captions, "noise": noise, "target": torch.cat(targets), "teacher_steps": cfg.teacher_steps,
-                 "teachers": list(cfg.teachers)}
+        pairs = {"captions": captions, "noise": noise, "target": torch.cat(targets)}
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            torch.save(pairs, path)
+            (self.out / REGRESSION_META).unlink(missing_ok=True)
+            save_file({"noise": noise.contiguous(), "target": pairs["target"].contiguous()},
+                      str(self.out / REGRESSION_TENSORS))
+            (self.out / REGRESSION_META).write_text(json.dumps(meta, indent=1) + "\n")
         return pairs
 
-    # ---- main loop ---------------------------------------------------------------------------
-    def train(self) -> dict:
-        cfg, acc = self.config, self.accelerator
-        opt_g = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
-        opt_f = torch.optim.AdamW(fake_params, lr=cfg.fake_lr or cfg.lr, weight_decay=cfg.weight_decay)
-        schedule = lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)  # noqa: E731
-        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
-        sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, schedule)
-        state = TrainingState(opt_g, opt_f, sched_f, self.fake, self.head)
-        step = self.maybe_resume(state, sched_g)
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            plain_train_config(cfg).save(self.out / "train_config.json")
-            cfg.save(self.out / "distill_config.json")
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", step) if acc.is_main_process else None
-        pairs = self.regression_pairs()
-        student, fake, opt_g, opt_f = acc.prepare(self.model, self.fake, opt_g, opt_f)
-        head = acc.prepare(self.head) if self.head is not None else None
-        loader = DataLoader(self.dataset, collate_fn=collate, num_workers=cfg.num_workers,
-                            batch_sampler=StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed,
-                                                           start=step, rank=self.rank))
-        bar = tqdm(total=cfg.steps, initial=step, disable=not acc.is_local_main_process, desc="distill")
-        t0, window = time.time(), []
-        student.train()
-        fake.train()
-        for batch in loader:
-            if step >= cfg.steps:
-                break
-            record = self.generator_update(student, opt_g, fake, head, opt_f, sched_f, pairs, batch, step)
-            step += 1
-            sched_g.step()
-            if self.ema is not None:
-                self.ema.update(acc.unwrap_model(student), step)
-            window.append(record)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                means = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
-                self.log({"step": step, **means, "lr": sched_g.get_last_lr()[0], "elapsed_s": time.time() - t0})
-                bar.set_postfix(dmd=f"{means['loss_dmd']:.4f}", fake=f"{means['loss_fake']:.4f}")
-                window = []
-            out_of_time = self.out_of_time(t0)
-            if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
-                self.save(step, state, sched_g)
-            if out_of_time:
-                break
-        bar.close()
-        in_sync = self.replicas_in_sync(acc.unwrap_model(student))
-        self.log({"step": step, "done": True, "world_size": acc.num_processes, "replicas_in_sync": in_sync})
-        if not in_sync:
-            raise RuntimeError("student replicas diverged across processes")
-        if acc.is_main_process:
-            self.export_pipeline(self.out / "student")
-        acc.wait_for_everyone()
-        return {"step": step, "elapsed_s": time.time() - t0, "student": str(self.out / "student")}
+    def cached_regression_pairs(self, meta: dict, noise: torch.Tensor) -> dict | None:
+        """The run folder's targets when they were computed for exactly these captions, noise and teachers."""
+        meta_file, tensor_file = self.out / REGRESSION_META, self.out / REGRESSION_TENSORS
+        if not (meta_file.is_file() and tensor_file.is_file()):
+            return None
+        try:
+            saved, tensors = json.loads(meta_file.read_text()), load_file(str(tensor_file))
+        except (OSError, ValueError, SafetensorError):
+            return None  # unreadable: computed again and overwritten
+        if json.dumps(saved, sort_keys=True) != json.dumps(meta, sort_keys=True) or not torch.equal(
+                tensors.get("noise", torch.empty(0)), noise):
+            return None
+        return {"captions": meta["captions"], "noise": tensors["noise"], "target": tensors["target"]}
 
-    def generator_update(self, student, opt_g, fake, head, opt_f, sched_f, pairs, batch, step: int) -> dict:
-        cfg, acc = self.config, self.accelerator
-        g = self.generator(step)
-        cond, uncond = self.encode(list(batch["caption"]))
-        with acc.autocast():
-            x0, info = self.backward_simulation(student, cond, g)
-            loss_dmd = self.dmd_loss(x0, cond, uncond, g)
-            loss = loss_dmd
-            loss_reg = loss_gan = loss_final = torch.zeros(())
-            if pairs is not None:
-                loss_reg = self.regression_loss(student, pairs, step)
-                loss = loss + cfg.regression_weight * loss_reg
-            if head is not None:
-                loss_gan = self.gan_generator_loss(x0, cond, g)
-                loss = loss + cfg.gan_weight * loss_gan
-            if cfg.final_step_weight > 0:
-                loss_final = self.final_step_loss(student, info["x_k"], info["student_k"], info["student_n"], cond)
-                loss = loss + cfg.final_step_weight * loss_final
-        acc.backward(loss)
-        if cfg.grad_clip > 0:
-            acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        real = self.latent_space.encode(batch["image"].to(x0.device)).float() if head is not None else None
-        fake_record = self.fake_score_updates(fake, head, opt_f, sched_f, x0.detach().float(), real, cond, step)
-        gan = {"loss_gan": loss_gan.item()} if head is not None else {}
-        final = {"loss_final": loss_final.item()} if cfg.final_step_weight > 0 else {}
-        return {"loss_dmd": loss_dmd.item(), "loss_reg": loss_reg.item(), **gan, **final, **fake_record,
-                "student_k": info["student_k"]}
-
-    # ---- persistence -------------------------------------------------------------------------
-    def shipped_pipeline(self):
+    # ---- what the run ships ------------------------------------------------------------------
+    def shipped_pipeline(self, model: nn.Module) -> TextToImagePipeline:
         """The student; with `finisher_steps`, the first teacher rides along to take the last steps."""
-        pipe = super().shipped_pipeline()
+        pipe = super().shipped_pipeline(model)
         if self.config.finisher_steps <= 0:
             return pipe
-        teacher = self.teachers.models[0]
-        if not isinstance(teacher, type(self.model)):
-            raise ValueError("finisher_steps needs a plain ErnieImageTransformer as the first teacher")
-        return pipe.with_finisher(copy.deepcopy(teacher).float(), self.config.finisher_steps)
-
-    def log(self, record: dict) -> None:
-        if self.metrics is not None:
-            self.metrics.write(record)
-
-    def check_resumable(self, ckpt: dict, path: Path) -> None:
-        super().check_resumable(ckpt, path)
-        if "fake_model" not in ckpt["optim"]["optimizer"]:
-            raise ValueError(f"checkpoint {path} is not a distillation checkpoint (no fake-score state)")
+        return pipe.with_finisher(copy.deepcopy(self.teachers.models[0]).float(), self.config.finisher_steps)
 
 
 def distill(config: DistillConfig) -> dict:
+    """Train a student through the engine; -> the engine's result (step, elapsed_s, stopped, exported)."""
     return DistillTrainer(config).train()

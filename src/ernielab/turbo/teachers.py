@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ernielab.core.config import Config
+from ernielab.core.config import Config, bounded
 from ernielab.image.flow_matching import TIMESTEP_SCALE
 from ernielab.image.samplers import _stack_padded
 
@@ -31,22 +31,25 @@ WEIGHTINGS = ("piecewise_linear", "softmax")
 
 @dataclasses.dataclass
 class TeacherSpec(Config):
-    path: str = ""
-    guidance_scale: float = 4.0
-    knots: list = dataclasses.field(default_factory=list)  # piecewise_linear: [[sigma, weight], ...]; [] = 1
+    path: str = ""  # a pipeline or transformer folder
+    guidance_scale: float = bounded(4.0, ge=0)
+    knots: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # [[sigma, weight], ...]; [] = 1
     center: float = 0.5  # softmax: the noise level this teacher owns most
+
+    def check(self) -> None:
+        if not self.path:
+            raise ValueError("every teacher needs a path (a pipeline or transformer folder)")
+        for knot in self.knots:
+            if not 0.0 <= knot[0] <= 1.0 or knot[1] < 0:
+                raise ValueError(f"teacher {self.path}: knots must be [sigma in 0..1, weight >= 0], got {list(knot)}")
 
 
 def parse_teachers(entries: Sequence[dict | TeacherSpec]) -> list[TeacherSpec]:
     specs = [e if isinstance(e, TeacherSpec) else TeacherSpec.from_dict(e) for e in entries]
     if not specs:
         raise ValueError("distillation needs at least one teacher (teachers: [{\"path\": ...}])")
-    for s in specs:
-        if not s.path:
-            raise ValueError("every teacher needs a path (a pipeline or transformer folder)")
-        for knot in s.knots:
-            if len(knot) != 2 or not 0.0 <= float(knot[0]) <= 1.0 or float(knot[1]) < 0:
-                raise ValueError(f"teacher {s.path}: knots must be [sigma in 0..1, weight >= 0], got {knot}")
+    for spec in specs:
+        spec.validate()
     return specs
 
 
