@@ -8,16 +8,22 @@ images) cancels, which an interval from two independent accuracies would not all
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 taskset -c 0 .venv/bin/python benchmarks/unified_cut_retention.py \\
         runs/unified_6k_anchor/moe/model runs/unified_6k/moe/model --n-caption 2000 --out retention.json
+    .venv/bin/python benchmarks/unified_cut_retention.py --smoke   # a tiny random model, 4 images: seconds
+
+The report goes to --out (default outputs/unified_cut_retention.json; ..._smoke.json with --smoke).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from unified_speed import smoke_models  # benchmarks/ is on the path when a script here runs
 
 from ernielab.unified.evaluation import caption_accuracy, heldout
 from ernielab.unified.io import load_model
@@ -43,23 +49,36 @@ def retention(folder: Path, n: int, depth: int, experts: int, top_k: int, rounds
     cut = np.array(caption_accuracy(model, vq, tok, images, sub, per_item=True)["correct"], dtype=float)
     low, high = paired_bootstrap(full, cut, rounds, seed=0)
     return {"model": str(folder), "n": n, "cut": {"depth": depth, "experts": experts, "top_k": top_k},
-            "full": full.mean(), "cut_accuracy": cut.mean(), "retention": cut.mean() / full.mean(),
+            "full": full.mean(), "cut_accuracy": cut.mean(),
+            "retention": cut.mean() / full.mean() if full.mean() > 0 else float("nan"),
             "retention_95ci": [low, high],
             "only_full_right": int(((full == 1) & (cut == 0)).sum()),
             "only_cut_right": int(((full == 0) & (cut == 1)).sum())}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", type=Path, help="model folders (RUN_DIR/model)")
+    ap.add_argument("models", nargs="*", type=Path, help="model folders (RUN_DIR/model)")
     ap.add_argument("--n-caption", type=int, default=2000)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--bootstrap", type=int, default=5000, help="bootstrap rounds")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help="JSON report")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=Path("outputs/unified_cut_retention.json"), help="JSON report")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model (8 experts), 4 images (seconds)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+            ap.set_defaults(n_caption=4, experts=4, bootstrap=20, out=Path("outputs/unified_cut_retention_smoke.json"))
+            args = ap.parse_args(argv)
+            args.models = args.models or [smoke_models(Path(tmp))[0]]
+        if not args.models:
+            ap.error("give model folders (or --smoke)")
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for folder in args.models:
@@ -71,9 +90,9 @@ def main() -> None:
         print(f"{folder}: full {row['full']:.3f}, cut {row['cut_accuracy']:.3f}, keeps {100 * row['retention']:.1f}% "
               f"(95% CI {100 * low:.1f}-{100 * high:.1f}%; only full right {row['only_full_right']}, only cut "
               f"right {row['only_cut_right']}; {row['seconds']:.0f} s)", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"report: {args.out}")
 
 
 if __name__ == "__main__":

@@ -14,17 +14,21 @@ cache, greedy, no guidance) at one batch size, interleaved in one process. Repor
    profiler adds about 1 µs to every op, so it ranks ops; 1-3 are the timings).
 
 `--moe-impl FILE` adds a third model to 1, 2 and 4, "moe_alt": the same MoE with its layers swapped for
-`MoEFeedForward` from another copy of layers/moe.py (same weights), to profile an earlier implementation
-against the current one in the same rounds, e.g. `git show HEAD:src/ernielab/layers/moe.py > /tmp/old.py`.
+`MoEFeedForward` from another copy of unified/moe.py (same weights), to profile an earlier implementation
+against the current one in the same rounds, e.g. `git show HEAD:src/ernielab/unified/moe.py > /tmp/old.py`.
 
     OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python benchmarks/unified_decode_profile.py \\
         --moe runs/unified_3k/moe/model --dense runs/unified_3k/dense/model --batch 8 \\
         --out runs/unified_3k/decode_profile_b8.json
+    .venv/bin/python benchmarks/unified_decode_profile.py --smoke   # tiny random models: seconds
+
+The report goes to --out (default outputs/unified_decode_profile.json; ..._smoke.json with --smoke).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
-from unified_speed import swap_moe_impl  # benchmarks/ is on the path when a script here runs
+from unified_speed import smoke_models, swap_moe_impl  # benchmarks/ is on the path when a script here runs
 
 from ernielab.unified.evaluation import heldout
 from ernielab.unified.generate import caption_codes, generate_image_codes
@@ -194,18 +198,32 @@ def op_profile(fn, repeats: int, top: int) -> dict:
                     for e in events[:top]}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--moe", type=Path, required=True)
-    ap.add_argument("--dense", type=Path, required=True)
-    ap.add_argument("--moe-impl", type=Path, default=None, help="another copy of layers/moe.py to profile")
+    ap.add_argument("--moe", type=Path)
+    ap.add_argument("--dense", type=Path)
+    ap.add_argument("--moe-impl", type=Path, default=None, help="another copy of unified/moe.py to profile")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=100, help="repeats of each isolated stage per round")
     ap.add_argument("--step", type=int, default=3, help="which decoding forward call feeds the stages")
     ap.add_argument("--no-ops", action="store_true", help="skip the torch.profiler part")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=Path("outputs/unified_decode_profile.json"), help="JSON report")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny random models, batch 2, one round, no torch.profiler part (seconds)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+            moe, dense = smoke_models(Path(tmp))
+            ap.set_defaults(moe=moe, dense=dense, batch=2, rounds=1, reps=2, step=1, no_ops=True,
+                            out=Path("outputs/unified_decode_profile_smoke.json"))
+            args = ap.parse_args(argv)
+        if args.moe is None or args.dense is None:
+            ap.error("--moe and --dense are required (or --smoke)")
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     moe, vq, _ = load_model(args.moe)
     dense = load_model(args.dense)[0]
@@ -229,9 +247,9 @@ def main() -> None:
         if not args.no_ops:
             report["ops"] = {f"{m}/{t}": op_profile(fn, 2, 12) for (m, t), fn in runs.items()}
     print(json.dumps(report, indent=1))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report: {args.out}")
 
 
 if __name__ == "__main__":

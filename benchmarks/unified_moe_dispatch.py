@@ -1,10 +1,10 @@
 """Micro-benchmark of the MoE feed-forward dispatch modes against a dense GeGLU of the same active width.
 
 Variants: "original" = the dispatch before this change (three grouped_mm over separate contiguous gate,
-up and down weights; reproduced here), and the modes of layers/moe.py: "fused" = the torch dispatch
+up and down weights; reproduced here), and the modes of unified/moe.py: "fused" = the torch dispatch
 (gate|up fused: two grouped_mm), "grouped" = three grouped_mm over strided halves of the fused weight,
 "padded" = one bmm per weight over a zero-padded [experts, capacity, dim] buffer, "kernel" = the fused C
-kernel (layers/moe_kernel.py), "auto" = the default (the kernel here: inference, float32, CPU).
+kernel (unified/moe_kernel.py), "auto" = the default (the kernel here: inference, float32, CPU).
 
 One layer of the docs/unified.md CPU model (dim 128, 16 GeGLU(64) experts, top-4, shared GeGLU(64)) and
 the dense GeGLU(320) of the same active width, at several tokens per call. With --model the layer is a
@@ -17,6 +17,9 @@ variants are checked to agree before timing.
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/unified_moe_dispatch.py \\
         --model runs/unified/moe/model --out runs/unified_3k/dispatch.json
+    .venv/bin/python benchmarks/unified_moe_dispatch.py --smoke   # 8 and 32 tokens, one short round: seconds
+
+The report goes to --out (default outputs/unified_moe_dispatch.json; ..._smoke.json with --smoke).
 """
 from __future__ import annotations
 
@@ -88,15 +91,20 @@ def best_time(fn, reps: int) -> float:
     return (time.thread_time() - t0) / reps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="a trained unified MoE model folder")
     ap.add_argument("--layer", type=int, default=1)
     ap.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=[8, 32, 128, 512, 2048])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--budget", type=int, default=4000, help="timed calls per variant and round: budget / tokens")
+    ap.add_argument("--out", type=Path, default=Path("outputs/unified_moe_dispatch.json"), help="JSON report")
+    ap.add_argument("--smoke", action="store_true", help="8 and 32 tokens, one round, few calls (seconds)")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        ap.set_defaults(tokens=[8, 32], rounds=1, budget=64, out=Path("outputs/unified_moe_dispatch_smoke.json"))
+        args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.model is not None:
@@ -128,7 +136,7 @@ def main() -> None:
             variants["experts_original"] = lambda: original_experts(moe, w_gate, w_up, x, index, gate)
             variants["layer_original"] = lambda: original_layer(moe, w_gate, w_up, x)
             variants["dense_geglu"] = lambda: dense(x)
-            reps = max(3, 4000 // n)
+            reps = max(3, args.budget // n)
             best = {name: float("inf") for name in variants}
             for _ in range(args.rounds):
                 for name, fn in variants.items():
@@ -149,11 +157,10 @@ def main() -> None:
                      f"{r['dense_geglu']:.0f} | " + " / ".join(f"{r[f'layer_{m}'] / r['dense_geglu']:.2f}x"
                                                            for m in ("original", "fused", "auto")) + " |")
     print("\n".join(lines))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows, "table": lines, "model": str(args.model),
-                                        "layer": args.layer, "threads": args.threads, "rounds": args.rounds},
-                                       indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "table": lines, "model": str(args.model), "layer": args.layer,
+                                    "threads": args.threads, "rounds": args.rounds}, indent=2) + "\n")
+    print(f"report: {args.out}")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@ the machine hits all models alike.
 
 Sub-models are extracted twice where a choice exists: by the default rule (evenly spaced layers,
 experts by training gate mass) and "val-selected" (layers / experts chosen by held-out loss on val
-items the evaluation never reads, `models/unified/selection.py`), once per --select-tasks objective:
+items the evaluation never reads, `unified/selection.py`), once per --select-tasks objective:
 by default the loss of all three tasks, and the caption (image->caption) loss alone.
 The full MoE's speed is also measured with the torch "fused" dispatch (grouped_mm) instead of the
 default "auto" one (the fused C kernel at decoding sizes) for comparison.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unified_table.py --out runs/unified
+The runs are described by training configs: --config (the MoE, default configs/unified/moe.json, with
+--set overrides) and --vq-config; the dense baseline is the MoE config with its model's dense twin (same
+active width, not elastic). Runs go to OUT/vq, OUT/moe and OUT/dense whatever the configs' folders.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unified_table.py --out runs/unified_6k_anchor \
+        --config configs/unified/anchor_6k.json --n-caption 1000 --select-tasks ''
+    .venv/bin/python benchmarks/unified_table.py --smoke          # tiny models, a few seconds
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from ernielab.unified.config import UnifiedConfig, VQConfig
+from ernielab.core.cli import load_config
+from ernielab.unified.config import UnifiedConfig
 from ernielab.unified.evaluation import decoding_speed, evaluate, heldout
 from ernielab.unified.io import load_model, save_model
 from ernielab.unified.model import parameter_counts
@@ -34,19 +41,24 @@ from ernielab.unified.tokenizer import TextTokenizer
 from ernielab.unified.train import UnifiedTrainConfig, VQTrainConfig, train_unified, train_vq
 
 TORCH_DISPATCH = "MoE, full, torch grouped_mm dispatch (speed only)"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "unified"
+SMOKE = dict(config=CONFIGS / "tiny.json", vq_config=CONFIGS / "vq_tiny.json", out=Path("outputs/unified_table_smoke"),
+             n_text=4, n_caption=2, per_kind=1, speed_rounds=1, speed_batches=[2], select_tasks=[("i2t",)],
+             select_n=2)
 
 
-def ensure_trained(out: Path, steps: int, progress: bool, coupled: bool = False, nested: bool = False,
-                   distill: float = 0.0, seed: int = 0, anchor: float = 0.0) -> None:
+def ensure_trained(out: Path, moe_cfg: UnifiedTrainConfig, vq_cfg: VQTrainConfig,
+                   progress: bool) -> dict[str, UnifiedTrainConfig | VQTrainConfig]:
+    """Train what is missing under OUT: the VQ, the MoE and its dense twin (same settings otherwise)."""
+    vq_cfg = vq_cfg.replace(output_dir=str(out / "vq"))
     if not (out / "vq" / "vq.safetensors").is_file():
-        train_vq(VQConfig.cpu(), VQTrainConfig(), out / "vq", progress=progress)
-    moe_cfg = UnifiedConfig.cpu(elastic_nested=nested)
-    for name, cfg, elastic in (("moe", moe_cfg, True), ("dense", UnifiedConfig.cpu().dense_twin(), False)):
-        if not (out / name / "model" / "model.safetensors").is_file():
-            run_cfg = UnifiedTrainConfig(steps=steps, elastic=elastic, elastic_coupled=coupled,
-                                         elastic_distill=distill if elastic else 0.0, seed=seed,
-                                         elastic_anchor=anchor if elastic else 0.0)
-            train_unified(cfg, run_cfg, out / "vq", out / name, progress=progress)
+        train_vq(vq_cfg, progress)
+    moe_cfg = moe_cfg.replace(output_dir=str(out / "moe"), vq_dir=vq_cfg.output_dir)
+    dense_cfg = moe_cfg.replace(output_dir=str(out / "dense"), model=moe_cfg.model.dense_twin())
+    for cfg in (moe_cfg, dense_cfg):
+        if not (Path(cfg.output_dir) / "model" / "model.safetensors").is_file():
+            train_unified(cfg, progress)
+    return {"vq": vq_cfg, "moe": moe_cfg, "dense": dense_cfg}
 
 
 def submodel_rows(cfg: UnifiedConfig) -> list[tuple[str, dict]]:
@@ -74,10 +86,14 @@ def image_score(report: dict) -> float | None:
     return (report.get("image_alignment") or {}).get("all")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/unified"))
-    ap.add_argument("--steps", type=int, default=UnifiedTrainConfig().steps)
+    ap.add_argument("--out", type=Path, default=Path("outputs/unified_table"),
+                    help="run folders (vq, moe, dense, sub) and the report (table.md, results.json)")
+    ap.add_argument("--config", type=Path, default=CONFIGS / "moe.json", help="the MoE's training config")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="override a field of --config, e.g. --set steps=3000 (repeatable)")
+    ap.add_argument("--vq-config", type=Path, default=CONFIGS / "vq.json", help="the VQ's training config")
     ap.add_argument("--n-text", type=int, default=500)
     ap.add_argument("--n-caption", type=int, default=300)
     ap.add_argument("--per-kind", type=int, default=40)
@@ -88,28 +104,23 @@ def main() -> None:
     ap.add_argument("--speed-batches", type=lambda v: [int(b) for b in v.split(",")], default=[8, 32],
                     help="decoding batch sizes for tokens/s (comma-separated); the table shows the first")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0,
-                    help="training seed of the MoE and dense runs (weights, batches, elastic draws)")
     ap.add_argument("--select-tasks", default="t2i,i2t,text;i2t",
                     type=lambda v: [tuple(t.split(",")) for t in v.split(";") if t],
                     help="val-selected rows: ';'-separated task lists whose summed loss picks layers / experts "
                          "('' = no such rows)")
     ap.add_argument("--select-n", type=int, default=64, help="val items per task in the selection set")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--elastic-coupled", action="store_true",
-                    help="train the MoE with coupled elastic draws (depth, experts and k shrink together)")
-    ap.add_argument("--elastic-nested", action="store_true",
-                    help="train the MoE with nested sub-models (evenly spaced layers, expert prefixes)")
-    ap.add_argument("--elastic-distill", type=float, default=0.0,
-                    help="in-place distillation: weight of KL(full model || sub-model) on steps that train a "
-                         "smaller sub-model")
-    ap.add_argument("--elastic-anchor", type=float, default=0.0,
-                    help="share of the shrunken steps that train the half-active combined cut itself")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny configs, a few held-out items, one speed round (seconds; to OUT default "
+                         "outputs/unified_table_smoke)")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    ensure_trained(args.out, args.steps, not args.no_progress, args.elastic_coupled, args.elastic_nested,
-                   args.elastic_distill, args.seed, args.elastic_anchor)
+    configs = ensure_trained(args.out, load_config(UnifiedTrainConfig, args.config, args.sets),
+                             load_config(VQTrainConfig, args.vq_config), not args.no_progress)
 
     moe, vq, _ = load_model(args.out / "moe" / "model")
     models, selections = {}, {}
@@ -210,10 +221,7 @@ def main() -> None:
                      f"{sel['seconds']:.0f} s; {chosen}.")
     table = "\n".join(lines)
     results["_selections"] = selections
-    results["_meta"] = {"settings": settings, "steps": args.steps, "seed": args.seed,
-                        "elastic_coupled": args.elastic_coupled,
-                        "elastic_nested": args.elastic_nested, "elastic_distill": args.elastic_distill,
-                        "elastic_anchor": args.elastic_anchor,
+    results["_meta"] = {"settings": settings, "configs": {name: cfg.to_dict() for name, cfg in configs.items()},
                         "speed_rounds": args.speed_rounds,
                         "speed_batches": args.speed_batches, "threads": args.threads, "speed_ratios": ratios,
                         "elapsed_s": time.time() - t0}

@@ -192,3 +192,30 @@ def test_balance_stats():
     assert balance_stats(torch.tensor([5, 5, 5, 5]))["max_over_mean"] == pytest.approx(1.0)
     skew = balance_stats(torch.tensor([12, 0, 0, 0]))
     assert skew["max_over_mean"] == pytest.approx(4.0) and skew["entropy"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_moe_layer_trains_one_step(dtype):
+    """A layer cast to bf16 (or fp16) keeps its routing statistics and bias in float32 with their exact values,
+    and trains: forward, backward, optimizer step, balancing step."""
+    moe = make_moe(experts=8, top_k=2)
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.linspace(-1, 1, 8) * 1.001)  # values bf16 cannot hold exactly
+    bias = moe.router.expert_bias.clone()
+    moe = moe.to(dtype).train()
+    assert moe.w_gate_up.dtype == dtype
+    assert all(getattr(moe.router, n).dtype == torch.float32 for n in TopKRouter.FLOAT32_BUFFERS)
+    assert torch.equal(moe.router.expert_bias, bias)
+    opt = torch.optim.AdamW(moe.parameters(), lr=1e-2)
+    before = moe.w_down.detach().clone()
+    out = moe(torch.randn(32, 16).to(dtype))
+    assert out.dtype == dtype
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all()
+               for p in moe.parameters())
+    opt.step()
+    load = moe.router.update_bias()
+    assert int(load.sum()) == 32 * 2 and moe.router.gate_mass.sum() == pytest.approx(32.0)
+    assert not torch.equal(moe.router.expert_bias, bias) and not torch.equal(moe.w_down, before)
+    moe.float()  # and back: the statistics were never rounded
+    assert moe.router.gate_mass.dtype == torch.float32 and moe.w_gate_up.dtype == torch.float32

@@ -1,6 +1,7 @@
-"""`ernielab unified` end to end on tiny settings: train-vq, train (+ exact resume), generate-image,
-caption, extract-submodel, eval, and clear errors on bad input."""
+"""`ernielab unified` end to end on tiny settings: vq, train (configs/unified/*.json, --set, exact resume after a
+time limit), generate-image, caption, extract-submodel, eval, and clear errors on bad input."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ from typer.testing import CliRunner
 from ernielab.unified.cli import app
 
 runner = CliRunner()
-TRAIN = ["--preset", "tiny", "--t2i-batch", 2, "--i2t-batch", 2, "--text-batch", 2, "--train-size", 16,
-         "--save-every", 2]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "unified"
+TINY = CONFIGS / "tiny.json"
 
 
 def invoke(*args):
@@ -24,80 +25,99 @@ def last_json(output: str) -> dict:
     return json.loads(line[line.index("{"):])  # a progress bar may share the line
 
 
+def records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("unified")
-    res = invoke("train-vq", "--run-dir", root / "vq", "--preset", "tiny", "--steps", 3, "--batch-size", 4,
-                 "--train-size", 16, "--eval-size", 4)
+    res = invoke("vq", CONFIGS / "vq_tiny.json", "--output-dir", root / "vq")
     assert res.exit_code == 0, res.output
-    assert set(last_json(res.output)["val"]) >= {"psnr", "codes_used", "align_reconstruction"}
-    res = invoke("train", "--run-dir", root / "run", "--vq", root / "vq", "--steps", 4, *TRAIN)
-    assert res.exit_code == 0, res.output
+    assert set(last_json(res.output)) >= {"psnr", "codes_used", "align_reconstruction"}
+    assert (root / "vq" / "vq.safetensors").is_file() and (root / "vq" / "vq_config.json").is_file()
+    res = invoke("train", TINY, "--set", f"vq_dir={root / 'vq'}", "--output-dir", root / "run")
+    assert res.exit_code == 0 and f"exported to {root / 'run' / 'model'}" in res.output, res.output
     return root
 
 
-def test_resume_reproduces_uninterrupted_run(trained, tmp_path):
-    res = invoke("train", "--run-dir", tmp_path / "split", "--vq", trained / "vq", "--steps", 4, "--stop-after", 2,
-                 *TRAIN)
-    assert res.exit_code == 0 and last_json(res.output)["step"] == 2, res.output
-    res = invoke("train", "--run-dir", tmp_path / "split", "--vq", trained / "vq", "--steps", 4, *TRAIN)
+def train(trained, run, *sets):
+    return invoke("train", TINY, "--set", f"vq_dir={trained / 'vq'}", "--output-dir", run,
+                  *[a for s in sets for a in ("--set", s)])
+
+
+def test_train_cli_with_overrides(trained, tmp_path):
+    res = train(trained, tmp_path / "short", "steps=2", "model.elastic.coupled=true")
+    assert res.exit_code == 0 and "trained to step 2" in res.output, res.output
+    saved = json.loads((tmp_path / "short" / "train_config.json").read_text())
+    assert saved["steps"] == 2 and saved["model"]["elastic"]["coupled"] is True
+    shipped = json.loads((tmp_path / "short" / "model" / "config.json").read_text())
+    assert shipped["elastic"]["coupled"] is True  # the model folder carries its elastic settings
+
+
+def test_time_limited_run_resumes_to_the_uninterrupted_weights(trained, tmp_path):
+    res = train(trained, tmp_path / "split", "max_minutes=1e-9")
+    assert res.exit_code == 0 and "nothing exported" in res.output, res.output
+    assert not (tmp_path / "split" / "model").exists()
+    res = train(trained, tmp_path / "split")
     assert res.exit_code == 0 and "resumed" in res.output, res.output
     whole = load_file(str(trained / "run" / "model" / "model.safetensors"))
     split = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
     assert whole.keys() == split.keys() and all(np.array_equal(whole[k], split[k]) for k in whole)
-    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4]  # no duplicated records after the resume
-    res = invoke("train", "--run-dir", tmp_path / "split", "--vq", trained / "vq", "--steps", 4, *TRAIN,
-                 "--set", "dim=64")
-    assert res.exit_code == 2 and "different model config" in res.output
+    assert [r["step"] for r in records(tmp_path / "split") if "loss" in r] == [1, 2, 3, 4]  # none twice
+    res = train(trained, tmp_path / "split", "model.dim=64", "steps=5")
+    assert res.exit_code == 2 and "other settings (model.dim)" in res.output, res.output
+    res = invoke("train", TINY, "--set", f"vq_dir={trained / 'vq'}", "--set", "model.dim=64", "--output-dir",
+                 tmp_path / "split", "--fresh")
+    assert res.exit_code == 0 and "resumed" not in res.output and "trained to step 4" in res.output, res.output
+    res = invoke("train", TINY, "--set", f"vq_dir={trained / 'vq'}", "--set", "max_minutes=1e-9", "--output-dir",
+                 tmp_path / "split", "--fresh")
+    assert res.exit_code == 0 and not (tmp_path / "split" / "model").exists()  # no stale model of the last run
 
 
 def test_inplace_distillation_runs_on_the_shrunken_steps(trained, tmp_path):
-    res = invoke("train", "--run-dir", tmp_path / "kd", "--vq", trained / "vq", "--steps", 8, *TRAIN,
-                 "--elastic-coupled", "--elastic-distill", 1.0)
+    res = train(trained, tmp_path / "kd", "steps=8", "model.elastic.coupled=true", "model.elastic.distill=1.0")
     assert res.exit_code == 0, res.output
-    records = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
-    assert any("i2t_text_kd" in r for r in records) and all(r["i2t_text_kd"] >= 0 for r in records
-                                                            if "i2t_text_kd" in r)
-    res = invoke("train", "--run-dir", tmp_path / "bad", "--vq", trained / "vq", "--steps", 2, *TRAIN,
-                 "--elastic-distill", -1)
-    assert res.exit_code == 2 and "elastic_distill" in res.output
+    kd = [r["i2t_text_kd"] for r in records(tmp_path / "kd") if "i2t_text_kd" in r]
+    assert kd and all(v >= 0 for v in kd)
+    res = train(trained, tmp_path / "bad", "model.elastic.distill=-1")
+    assert res.exit_code == 2 and "model.elastic.distill: must be >= 0" in res.output, res.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_anchor_cut_training_resumes_and_rejects_bad_cuts(trained, tmp_path):
-    args = ["--vq", trained / "vq", "--steps", 6, *TRAIN, "--set", "num_layers=4", "--set", "elastic_nested=true",
-            "--elastic-coupled", "--elastic-anchor", 1.0, "--anchor-cut", "3,4,1"]
-    res = invoke("train", "--run-dir", tmp_path / "a", *args, "--stop-after", 3)
-    assert res.exit_code == 0, res.output
-    saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
-    assert saved["elastic_anchor"] == 1.0 and saved["anchor_cut"] == [3, 4, 1]
-    res = invoke("train", "--run-dir", tmp_path / "a", *args)  # the JSON list [3, 4, 1] matches (3, 4, 1)
+    sets = ["steps=6", "model.num_layers=4", "model.elastic.nested=true", "model.elastic.coupled=true",
+            "model.elastic.anchor=1.0", "model.elastic.anchor_cut=[3,4,1]"]
+    res = train(trained, tmp_path / "a", *sets, "max_minutes=1e-9")
+    assert res.exit_code == 0 and "nothing exported" in res.output, res.output
+    saved = json.loads((tmp_path / "a" / "train_config.json").read_text())["model"]["elastic"]
+    assert saved["anchor"] == 1.0 and saved["anchor_cut"] == [3, 4, 1]
+    res = train(trained, tmp_path / "a", *sets)  # the JSON list [3, 4, 1] matches (3, 4, 1)
     assert res.exit_code == 0 and "resumed" in res.output, res.output
-    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    cut = {"layers": [0, 2, 3], "top_k": 1, "experts": {str(i): [0, 1, 2, 3] for i in (0, 2, 3)}}
-    full = {"layers": None, "top_k": None, "experts": None}
-    assert [r["step"] for r in records] == [3, 6] and all(r["last_submodel"] in (cut, full) for r in records)
-    for bad, message in (("3,4,9", "does not fit"), ("3,4", "DEPTH,EXPERTS,TOP_K"), ("a,b,c", "DEPTH,EXPERTS,TOP_K")):
-        res = invoke("train", "--run-dir", tmp_path / "bad", *args[:-1], bad)
+    logged = [r for r in records(tmp_path / "a") if "loss" in r]
+    cut, full = (3.0, 4.0, 1.0), (4.0, 8.0, 2.0)  # tiny: 8 experts, k=2
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert all((r["sub_layers"], r["sub_experts"], r["sub_top_k"]) in (cut, full) for r in logged)
+    for bad, message in (("[3,4,9]", "does not fit"), ("[3,4]", "expected 3 values"),
+                         ('["a","b","c"]', "expected int")):
+        res = train(trained, tmp_path / "bad", *sets[:-1], f"model.elastic.anchor_cut={bad}")
         assert res.exit_code == 2 and message in res.output, res.output
         assert not (tmp_path / "bad").exists()
-    res = invoke("train", "--run-dir", tmp_path / "bad", *args[:-4], "--elastic-anchor", 1.5)
-    assert res.exit_code == 2 and "elastic_anchor" in res.output
+    res = train(trained, tmp_path / "bad", *sets[:-2], "model.elastic.anchor=1.5")
+    assert res.exit_code == 2 and "model.elastic.anchor: must be <= 1" in res.output
 
 
-def test_checkpoint_from_before_a_new_setting_resumes_at_its_default(trained, tmp_path):
-    res = invoke("train", "--run-dir", tmp_path / "old", "--vq", trained / "vq", "--steps", 4, "--stop-after", 2,
-                 *TRAIN)
+def test_checkpoint_from_before_a_new_setting_resumes_and_another_setting_is_refused(trained, tmp_path):
+    res = train(trained, tmp_path / "old", "max_minutes=1e-9")
     assert res.exit_code == 0, res.output
+    res = train(trained, tmp_path / "old", "model.elastic.anchor=0.5")
+    assert res.exit_code == 2 and "other settings (model.elastic.anchor)" in res.output, res.output
     state_file = next((tmp_path / "old" / "checkpoints").iterdir()) / "state.json"
     state = json.loads(state_file.read_text())
-    for key in ("elastic_anchor", "anchor_cut"):  # as written before these settings existed
-        del state["config"]["train"][key]
+    for key in ("anchor", "anchor_cut"):  # as written before these settings existed
+        del state["config"]["model"]["elastic"][key]
     state_file.write_text(json.dumps(state))
-    res = invoke("train", "--run-dir", tmp_path / "old", "--vq", trained / "vq", "--steps", 4, *TRAIN,
-                 "--elastic-anchor", 0.5)
-    assert res.exit_code == 2 and "elastic_anchor" in res.output  # not the default: a different run
-    res = invoke("train", "--run-dir", tmp_path / "old", "--vq", trained / "vq", "--steps", 4, *TRAIN)
+    res = train(trained, tmp_path / "old")  # a setting the checkpoint does not record counts as unchanged
     assert res.exit_code == 0 and "resumed" in res.output, res.output
 
 
@@ -158,10 +178,18 @@ def test_bad_input_gives_clear_errors(trained, tmp_path):
     (tmp_path / "junk.png").write_text("not an image")
     res = invoke("caption", model, tmp_path / "junk.png")
     assert res.exit_code == 2 and "cannot read image" in res.output
-    res = invoke("train", "--run-dir", tmp_path / "r", "--vq", trained / "vq", "--preset", "huge")
-    assert res.exit_code == 2 and "unknown preset" in res.output
-    res = invoke("train", "--run-dir", tmp_path / "r", "--vq", trained / "vq", "--preset", "cpu", "--steps", 1)
+    res = invoke("train", CONFIGS / "moe.json", "--set", f"vq_dir={trained / 'vq'}", "--output-dir", tmp_path / "r")
     assert res.exit_code == 2 and "the model expects" in res.output  # cpu model vs tiny VQ
+    res = train(trained, tmp_path / "r", "vq_dir=nowhere")
+    assert res.exit_code == 2 and "holds no VQ tokenizer" in res.output
+    res = train(trained, tmp_path / "r", "model.elastic.nested_draws=true")
+    assert res.exit_code == 2 and "has no field 'nested_draws'" in res.output
+    res = invoke("train", tmp_path / "missing.json")
+    assert res.exit_code == 2 and "config file not found" in res.output
+    (tmp_path / "typo.json").write_text(json.dumps({"stepz": 3}))
+    res = invoke("vq", tmp_path / "typo.json")
+    assert res.exit_code == 2 and "unknown config keys ['stepz']" in res.output
+    assert not (tmp_path / "r").exists()
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in ("config.json", "vq_config.json", "vq.safetensors"):

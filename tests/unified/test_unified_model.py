@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ernielab.unified.config import UnifiedConfig, VQConfig
+from ernielab.unified.config import ElasticConfig, UnifiedConfig, VQConfig
 from ernielab.unified.evaluation import caption_accuracy, heldout
 from ernielab.unified.generate import caption_codes, generate_image_codes
 from ernielab.unified.io import load_model, save_model
@@ -208,6 +208,7 @@ def test_coupled_elastic_sampling_keeps_marginals_and_shrinks_together(vocab):
     cfg = UnifiedConfig.tiny(text_vocab=vocab, num_layers=4)
     gen = torch.Generator().manual_seed(0)
     subs = [sample_submodel(cfg, gen, coupled=True) for _ in range(2000)]
+    assert not cfg.elastic.coupled  # the keyword changes this draw's settings only
     shrunk = [(s.layers is not None, s.expert_masks is not None, s.top_k is not None) for s in subs]
     rate = [sum(flags[i] for flags in shrunk) / len(subs) for i in range(3)]
     assert abs(rate[0] - 0.25) < 0.04 and abs(rate[1] - 0.2) < 0.04 and abs(rate[2] - 0.2) < 0.04
@@ -217,7 +218,7 @@ def test_coupled_elastic_sampling_keeps_marginals_and_shrinks_together(vocab):
 
 
 def test_nested_elastic_draws_are_the_cuts_extraction_makes(vocab):
-    cfg = UnifiedConfig.tiny(text_vocab=vocab, num_layers=4, elastic_nested=True)
+    cfg = UnifiedConfig.tiny(text_vocab=vocab, num_layers=4, elastic=ElasticConfig(nested=True))
     model = UnifiedTransformer(cfg)
     gen = torch.Generator().manual_seed(0)
     subs = [sample_submodel(cfg, gen) for _ in range(400)]
@@ -230,13 +231,14 @@ def test_nested_elastic_draws_are_the_cuts_extraction_makes(vocab):
         assert s.layers == cut.layers and s.layers in {(0, 2, 3), (0, 3)}
         for i in s.layers:  # experts 0..kept-1, whatever the training load
             assert torch.equal(s.expert_masks[i], cut.expert_masks[i]) and bool(s.expert_masks[i][:kept].all())
-    assert extract_submodel(model, cut).config.elastic_nested
+    assert extract_submodel(model, cut).config.elastic.nested
     other = {i: torch.arange(cfg.num_experts) % 2 == 1 for i in range(cfg.num_layers)}
-    assert not extract_submodel(model, SubModel(expert_masks=other)).config.elastic_nested
+    assert not extract_submodel(model, SubModel(expert_masks=other)).config.elastic.nested
 
 
 def test_anchor_draws_replace_shrunken_steps_only(vocab):
-    cfg = UnifiedConfig.tiny(text_vocab=vocab, num_layers=4, num_experts=8, top_k=4, elastic_nested=True)
+    cfg = UnifiedConfig.tiny(text_vocab=vocab, num_layers=4, num_experts=8, top_k=4,
+                             elastic=ElasticConfig(nested=True, coupled=True))
     cut = cut_submodel(cfg, *half_active_cut(cfg))
     assert half_active_cut(cfg) == (3, 4, 1) and cut.layers == (0, 2, 3) and cut.top_k == 1
     assert all(m.tolist() == [True] * 4 + [False] * 4 for m in cut.expert_masks.values())
@@ -245,10 +247,10 @@ def test_anchor_draws_replace_shrunken_steps_only(vocab):
         and all(torch.equal(a.expert_masks[i], b.expert_masks[i]) for i in a.expert_masks or {}))
     always = never = anchored = 0
     for seed in range(600):  # a fresh generator per draw, as training uses one per step
-        plain = sample_submodel(cfg, torch.Generator().manual_seed(seed), coupled=True)
-        forced = sample_submodel(cfg, torch.Generator().manual_seed(seed), coupled=True, p_anchor=1.0)
-        half = sample_submodel(cfg, torch.Generator().manual_seed(seed), coupled=True, p_anchor=0.5)
-        # the full model keeps exactly its steps; p_anchor = 1 turns every other step into the cut
+        plain = sample_submodel(cfg, torch.Generator().manual_seed(seed))
+        forced = sample_submodel(cfg, torch.Generator().manual_seed(seed), anchor=1.0)
+        half = sample_submodel(cfg, torch.Generator().manual_seed(seed), cfg.elastic.replace(anchor=0.5))
+        # the full model keeps exactly its steps; anchor = 1 turns every other step into the cut
         assert plain.is_full() == forced.is_full() == half.is_full()
         if plain.is_full():
             continue

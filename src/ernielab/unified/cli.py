@@ -1,4 +1,9 @@
-"""`ernielab unified ...`: VQ tokenizer, elastic MoE training, generation, captioning, sub-models, eval."""
+"""`ernielab unified ...`: VQ tokenizer and elastic MoE training from configs (configs/unified/*.json),
+generation, captioning, sub-models, eval.
+
+Evaluation and sampling options take their defaults from `config.EvalSettings` (written once, checked there);
+nothing here imports torch until a command runs.
+"""
 from __future__ import annotations
 
 import json
@@ -7,18 +12,20 @@ from typing import Optional
 
 import typer
 
-from ernielab.core.cli import parse_sets, set_threads, user_errors
+from ernielab.core.cli import (
+    add_train_command,
+    check_output_dir,
+    load_config,
+    run_options,
+    set_threads,
+    train_summary,
+    user_errors,
+)
+from ernielab.unified.config import TASKS, EvalSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ERNIE 5.0-style unified model: text + VQ image tokens, one elastic MoE trunk.")
-
-
-def preset(name: str):
-    from ernielab.unified.config import PRESETS
-
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]
+EVAL = EvalSettings()
 
 
 def submodel_options(model, depth: Optional[int], experts: Optional[int], top_k: Optional[int]):
@@ -36,75 +43,34 @@ TOP_K = typer.Option(None, help="experts per token")
 THREADS = typer.Option(1, help="torch CPU threads (0 = torch default)")
 
 
-@app.command("train-vq")
+def run_unified(cfg):
+    from ernielab.unified.train import train_unified
+
+    return train_unified(cfg, progress=True)
+
+
+add_train_command(app, "ernielab.unified.train:UnifiedTrainConfig", run_unified,
+                  "the unified model (caption->image, image->caption and text in one elastic MoE; RUN/model)")
+
+
+@app.command("vq")
 @user_errors
-def train_vq(run_dir: Path = typer.Option(..., help="output folder: checkpoints, metrics.jsonl, vq.safetensors"),
-             preset_name: str = typer.Option("cpu", "--preset", help="tiny | cpu"),
-             set_: list[str] = typer.Option([], "--set", help="VQ config override, e.g. --set codebook_size=128"),
-             steps: int = typer.Option(1500), batch_size: int = typer.Option(32), lr: float = typer.Option(2e-3),
-             train_size: int = typer.Option(10_000), eval_size: int = typer.Option(256),
-             seed: int = typer.Option(0), save_every: int = typer.Option(200),
-             resume: bool = typer.Option(True, help="continue from run_dir's latest checkpoint"),
-             threads: int = THREADS):
-    """Train the VQ image tokenizer on shapes-world images; prints reconstruction metrics."""
-    from ernielab.unified.train import VQTrainConfig
-    from ernielab.unified.train import train_vq as run
+def vq(config: Path = typer.Argument(..., help="VQ training config JSON (see configs/unified/vq.json)"),
+       set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set model.codebook_size=128"),
+       output_dir: Optional[str] = typer.Option(None, "--output-dir", help="override output_dir (the VQ folder)"),
+       fresh: bool = typer.Option(False, "--fresh", help="clear the run folder's checkpoints and start over"),
+       threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)")):
+    """Train the VQ image tokenizer from a JSON config (resumes from the folder's latest checkpoint); prints
+    the reconstruction metrics of the finished tokenizer."""
+    from ernielab.unified.train import VQTrainConfig, train_vq
 
+    cfg = run_options(load_config(VQTrainConfig, config, set_), output_dir, fresh)
+    check_output_dir(Path(cfg.output_dir), "output_dir")
     set_threads(threads)
-    vq_cfg = preset(preset_name)[1]().replace(**parse_sets(set_))
-    cfg = VQTrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_size=train_size, eval_size=eval_size,
-                        seed=seed, save_every=save_every)
-    typer.echo(json.dumps(run(vq_cfg, cfg, run_dir, resume=resume)))
-
-
-@app.command()
-@user_errors
-def train(run_dir: Path = typer.Option(..., help="output folder; the final model goes to RUN_DIR/model"),
-          vq: Path = typer.Option(..., help="folder written by train-vq"),
-          preset_name: str = typer.Option("cpu", "--preset", help="tiny | cpu"),
-          dense: bool = typer.Option(False, help="dense baseline: one GeGLU as wide as the active experts"),
-          elastic: bool = typer.Option(True, help="sample elastic sub-models (MoE only)"),
-          elastic_coupled: bool = typer.Option(False, help="one draw shrinks depth, experts and k together"),
-          elastic_distill: float = typer.Option(0.0, help="in-place distillation: weight of KL(full model || "
-                                                "sub-model) on steps that train a smaller sub-model"),
-          elastic_anchor: float = typer.Option(0.0, help="share of the shrunken steps that train the anchor cut "
-                                               "(the deployment sub-model) instead of a random one"),
-          anchor_cut: Optional[str] = typer.Option(None, help="the anchor cut as DEPTH,EXPERTS,TOP_K (default: "
-                                                   "75% of the layers, half the experts, a quarter of k)"),
-          set_: list[str] = typer.Option([], "--set", help="model config override, e.g. --set num_layers=6"),
-          steps: int = typer.Option(1000), t2i_batch: int = typer.Option(16), i2t_batch: int = typer.Option(16),
-          text_batch: int = typer.Option(16), lr: float = typer.Option(3e-3),
-          train_size: int = typer.Option(20_000), seed: int = typer.Option(0),
-          save_every: int = typer.Option(250),
-          stop_after: Optional[int] = typer.Option(None, help="leave after this many steps (resume later)"),
-          resume: bool = typer.Option(True, help="continue from run_dir's latest checkpoint"),
-          threads: int = THREADS):
-    """Train the unified model (caption->image, image->caption and text in one model)."""
-    from ernielab.unified.train import UnifiedTrainConfig, train_unified
-
-    set_threads(threads)
-    model_cfg = preset(preset_name)[0]().replace(**parse_sets(set_))
-    if dense:
-        model_cfg = model_cfg.dense_twin()
-    cfg = UnifiedTrainConfig(steps=steps, t2i_batch=t2i_batch, i2t_batch=i2t_batch, text_batch=text_batch, lr=lr,
-                             train_size=train_size, seed=seed, save_every=save_every,
-                             elastic=elastic and not dense, elastic_coupled=elastic_coupled,
-                             elastic_distill=elastic_distill if elastic and not dense else 0.0,
-                             elastic_anchor=elastic_anchor if elastic and not dense else 0.0,
-                             anchor_cut=parse_cut(anchor_cut))
-    typer.echo(json.dumps(train_unified(model_cfg, cfg, vq, run_dir, resume=resume, stop_after=stop_after)))
-
-
-def parse_cut(text: str | None) -> tuple[int, int, int] | None:
-    """"3,8,1" -> (3, 8, 1)."""
-    if text is None:
-        return None
-    try:
-        depth, experts, top_k = (int(v) for v in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"expected DEPTH,EXPERTS,TOP_K (three integers), got {text!r}",
-                                 param_hint="--anchor-cut") from None
-    return depth, experts, top_k
+    result = train_vq(cfg, progress=True)
+    typer.echo(train_summary(result))
+    if result.get("eval"):
+        typer.echo(json.dumps(result["eval"]))
 
 
 @app.command("generate-image")
@@ -113,8 +79,9 @@ def generate_image(model_dir: Path = typer.Argument(..., help="a model folder (R
                    prompt: str = typer.Argument(..., help='e.g. "a red circle to the left of a blue square"'),
                    output: Path = typer.Option(Path("unified.png"), "-o", "--output"),
                    n: int = typer.Option(1, help="images for the prompt (a grid when > 1)"),
-                   seed: int = typer.Option(0), guidance: float = typer.Option(3.0),
-                   temperature: float = typer.Option(1.0), sample_top_k: int = typer.Option(0),
+                   seed: int = typer.Option(EVAL.seed), guidance: float = typer.Option(EVAL.guidance),
+                   temperature: float = typer.Option(EVAL.temperature),
+                   sample_top_k: int = typer.Option(EVAL.top_k, help="sample among the k likeliest codes (0 = all)"),
                    depth: Optional[int] = DEPTH, experts: Optional[int] = EXPERTS, top_k: Optional[int] = TOP_K,
                    threads: int = THREADS):
     """Generate images row by row (one decoding step per row of VQ tokens)."""
@@ -190,8 +157,9 @@ def extract_submodel(model_dir: Path = typer.Argument(..., help="the elastic sup
                      select_on_val: bool = typer.Option(
                          False, help="choose the kept layers / experts by held-out loss on val items the eval never "
                                      "reads (default: evenly spaced layers, experts by training gate mass)"),
-                     select_n: int = typer.Option(64, help="val items in the selection set (per task)"),
-                     select_tasks: str = typer.Option("t2i,i2t,text", help="tasks whose loss is summed for selection"),
+                     select_n: Optional[int] = typer.Option(None, help="val items in the selection set (per task; "
+                                                                       "default: select_submodel's)"),
+                     select_tasks: str = typer.Option(",".join(TASKS), help="tasks whose loss is summed for selection"),
                      threads: int = THREADS):
     """Cut a smaller standalone model (depth, experts, top-k) out of an elastically trained one."""
     from ernielab.unified.io import load_model, save_model
@@ -207,7 +175,8 @@ def extract_submodel(model_dir: Path = typer.Argument(..., help="the elastic sup
     selection = None
     if select_on_val:
         tasks = tuple(t.strip() for t in select_tasks.split(",") if t.strip())
-        sub, report = select_submodel(model, vq, depth, experts, top_k, n=select_n, tasks=tasks)
+        sub, report = select_submodel(model, vq, depth, experts, top_k, tasks=tasks,
+                                      **({} if select_n is None else {"n": select_n}))
         selection = {k: report[k] for k in ("selection_set", "loss")}
     else:
         sub = describe_submodel(model, depth=depth, num_experts=experts, top_k=top_k)
@@ -221,13 +190,14 @@ def extract_submodel(model_dir: Path = typer.Argument(..., help="the elastic sup
 @app.command("eval")
 @user_errors
 def eval_(model_dir: Path = typer.Argument(..., help="a model folder"),
-          n_text: int = typer.Option(500, help="held-out captions for text perplexity"),
-          n_caption: int = typer.Option(200, help="held-out images to caption"),
-          per_kind: int = typer.Option(30, min=0, help="generated images per prompt kind (single/count/relation); "
-                                                      "0 skips image alignment"),
-          seed: int = typer.Option(0), guidance: float = typer.Option(3.0),
-          temperature: float = typer.Option(1.0), sample_top_k: int = typer.Option(0),
-          speed: bool = typer.Option(True, help="measure decoding tokens/s"),
+          n_text: int = typer.Option(EVAL.n_text, help="held-out captions for text perplexity"),
+          n_caption: int = typer.Option(EVAL.n_caption, help="held-out images to caption"),
+          per_kind: int = typer.Option(EVAL.per_kind, help="generated images per prompt kind (single/count/relation); "
+                                                           "0 skips image alignment"),
+          seed: int = typer.Option(EVAL.seed), guidance: float = typer.Option(EVAL.guidance),
+          temperature: float = typer.Option(EVAL.temperature),
+          sample_top_k: int = typer.Option(EVAL.top_k, help="sample among the k likeliest codes (0 = all)"),
+          speed: bool = typer.Option(EVAL.speed, help="measure decoding tokens/s"),
           depth: Optional[int] = DEPTH, experts: Optional[int] = EXPERTS, top_k: Optional[int] = TOP_K,
           out: Optional[Path] = typer.Option(None, help="also write the full report here (JSON)"),
           threads: int = THREADS):
@@ -236,10 +206,13 @@ def eval_(model_dir: Path = typer.Argument(..., help="a model folder"),
     from ernielab.unified.io import load_model
     from ernielab.unified.model import parameter_counts
 
+    settings = EvalSettings(n_text=n_text, n_caption=n_caption, per_kind=per_kind, seed=seed, guidance=guidance,
+                            temperature=temperature, top_k=sample_top_k, speed=speed)
+    settings.validate()  # before any model is read
     set_threads(threads)
     model, vq, meta = load_model(model_dir)
     sub = submodel_options(model, depth, experts, top_k)
-    report = evaluate(model, vq, sub, n_text, n_caption, per_kind, seed, guidance, temperature, sample_top_k, speed)
+    report = evaluate(model, vq, sub, **settings.to_dict())
     report["params"] = parameter_counts(model) if sub is None else None
     report["submodel"] = meta.get("submodel")
     if out is not None:

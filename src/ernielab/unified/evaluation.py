@@ -19,6 +19,7 @@ import torch
 
 from ernielab.core.images import to_uint8
 from ernielab.core.seeding import generator
+from ernielab.unified.config import EvalSettings
 from ernielab.unified.generate import caption_codes, generate_image_codes, text_nll
 from ernielab.unified.model import IMAGE, IMAGE_START, TEXT, SubModel, UnifiedTransformer
 from ernielab.unified.moe import balance_stats, expert_load
@@ -140,9 +141,13 @@ def routing_report(model: UnifiedTransformer, vq: VQTokenizer, tok: TextTokenize
     return out
 
 
-def evaluate(model: UnifiedTransformer, vq: VQTokenizer, sub: SubModel | None = None, n_text: int = 500,
-             n_caption: int = 200, per_kind: int = 30, seed: int = 0, guidance: float = 3.0,
-             temperature: float = 1.0, top_k: int = 0, speed: bool = True) -> dict:
+DEFAULTS = EvalSettings()
+
+
+def evaluate(model: UnifiedTransformer, vq: VQTokenizer, sub: SubModel | None = None,
+             n_text: int = DEFAULTS.n_text, n_caption: int = DEFAULTS.n_caption, per_kind: int = DEFAULTS.per_kind,
+             seed: int = DEFAULTS.seed, guidance: float = DEFAULTS.guidance, temperature: float = DEFAULTS.temperature,
+             top_k: int = DEFAULTS.top_k, speed: bool = DEFAULTS.speed) -> dict:
     """All metrics of docs/unified.md for one model (or one elastic sub-model of it)."""
     model.eval()
     tok = TextTokenizer(model.config.text_vocab)

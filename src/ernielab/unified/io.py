@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ernielab.unified.config import UnifiedConfig, VQConfig
+from ernielab.core.config import ConfigError
+from ernielab.unified.config import UnifiedConfig, VQConfig, elastic_from_old
 from ernielab.unified.model import UnifiedTransformer
 from ernielab.unified.vq import VQTokenizer
 
@@ -65,12 +66,35 @@ def load_model(folder: str | Path) -> tuple[UnifiedTransformer, VQTokenizer, dic
     missing = [f for f in MODEL_FILES if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a unified model folder (missing {', '.join(missing)})")
-    model = UnifiedTransformer(UnifiedConfig.load(folder / "config.json"))
+    meta_path = folder / "meta.json"
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    model = UnifiedTransformer(model_config(folder, meta))
     _load_into(model, folder / "model.safetensors")
     vq = load_vq(folder)
     if vq.config.codebook_size != model.config.codebook_size or vq.config.grid != model.config.image_grid:
         raise ValueError(f"{folder}: the VQ ({vq.config.codebook_size} codes, grid {vq.config.grid}) does not "
                          f"match the model ({model.config.codebook_size} codes, grid {model.config.image_grid})")
-    meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return model.eval(), vq, meta
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def model_config(folder: Path, meta: dict) -> UnifiedConfig:
+    """The folder's UnifiedConfig. A folder written before the elastic settings were a section of the model
+    config has them flat in meta.json's training settings (and `elastic_nested` in config.json)."""
+    path = folder / "config.json"
+    data = _read_json(path)
+    if "elastic" not in data and isinstance(meta.get("train"), dict):
+        data["elastic"] = elastic_from_old(meta["train"])
+    try:
+        return UnifiedConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None

@@ -104,6 +104,7 @@ class MTPHead(nn.Module):
 class UnifiedTransformer(nn.Module):
     def __init__(self, cfg: UnifiedConfig):
         super().__init__()
+        cfg.validate()
         if cfg.text_vocab_size < 5:
             raise ValueError("config.text_vocab is empty: build it with tokenizer.build_text_vocab()")
         self.config = cfg
@@ -122,6 +123,13 @@ class UnifiedTransformer(nn.Module):
             nn.init.normal_(head.weight, std=0.02)
 
     # ---- helpers ------------------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay weight matrices (and stacked expert weights); not norms, the image positions or biases."""
+        decay, rest = [], []
+        for name, p in self.named_parameters():
+            (decay if p.ndim >= 2 and "image_pos" not in name else rest).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
     def moe_layers(self) -> list[tuple[int, MoEFeedForward]]:
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoEFeedForward)]
 

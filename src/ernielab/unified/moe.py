@@ -45,7 +45,8 @@ float rounding from a different summation order:
 - at inference (autograd off) the router and the shared expert's gate and up projections, which read
   the same input, are one matmul with their weights stacked (a cached copy, see `input_projection`);
   with autograd on, the modules run separately on their own parameters.
-The router's load statistics (`pending_load`, `gate_mass`) are training-only: eval mode skips them.
+The router's load statistics (`pending_load`, `gate_mass`) are training-only: eval mode skips them. They and
+the balancing bias stay float32 when the layer is cast (`.to(torch.bfloat16)`), so a bf16 layer trains.
 """
 from __future__ import annotations
 
@@ -145,6 +146,20 @@ class TopKRouter(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.register_buffer("gate_mass", torch.zeros(num_experts))
         self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
+
+    FLOAT32_BUFFERS = ("expert_bias", "gate_mass", "pending_load")
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (`.to(torch.bfloat16)`, `.half()`) move the routing statistics and bias but keep them
+        float32, with their exact values: loads are counts (bf16 holds integers exactly only up to 256), the
+        bias moves in steps of `balance_rate`, and `route` adds float32 gates into `gate_mass`."""
+        before = {name: getattr(self, name) for name in self.FLOAT32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
 
     def forward(self, x: torch.Tensor, top_k: int | None = None,
                 expert_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +333,8 @@ class MoEFeedForward(nn.Module):
             gate_h = grouped_matmul(routed, self.w_gate, offsets=offsets)
             hidden = F.gelu(gate_h) * grouped_matmul(routed, self.w_up, offsets=offsets)
         out = grouped_matmul(hidden, self.w_down, offsets=offsets) * gate.reshape(-1).index_select(0, order)[:, None]
-        return (x.new_zeros(x.shape) if base is None else base).index_add_(0, token, out)
+        dst = x.new_zeros(x.shape) if base is None else base
+        return dst.index_add_(0, token, out.to(dst.dtype))  # under autocast the two may differ
 
     def padded_experts(self, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """One bmm per weight over a zero-padded [E, capacity, D] buffer; capacity = this call's busiest

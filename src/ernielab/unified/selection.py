@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ernielab.unified.config import TASKS
 from ernielab.unified.model import SubModel, UnifiedTransformer, unified_loss
 from ernielab.unified.sequences import collate, image_to_text_sequence, text_sequence, text_to_image_sequence
 from ernielab.unified.tokenizer import TextTokenizer
@@ -28,7 +29,6 @@ from ernielab.unified.vq import VQTokenizer
 from ernielab.worlds.shapes import caption, image_to_tensor, render, sample_item_scene
 
 SELECTION_OFFSET = 100_000  # val items from here on: far past anything evaluation reads
-TASKS = ("t2i", "i2t", "text")
 
 
 def selection_set(vq: VQTokenizer, tok: TextTokenizer, n: int, seed: int = 0,

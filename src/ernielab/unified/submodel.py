@@ -11,8 +11,11 @@ import math
 
 import torch
 
-from ernielab.unified.config import UnifiedConfig
+from ernielab.unified.config import ElasticConfig, UnifiedConfig, check_cut, half_active_cut
 from ernielab.unified.model import SubModel, UnifiedTransformer
+
+__all__ = ["cut_submodel", "describe_submodel", "evenly_spaced_layers", "experts_by_usage", "extract_submodel",
+           "half_active_cut", "sample_submodel", "submodel_summary", "training_expert_masks"]
 
 
 def evenly_spaced_layers(num_layers: int, depth: int) -> tuple[int, ...]:
@@ -49,27 +52,19 @@ def describe_submodel(model: UnifiedTransformer, depth: int | None = None, num_e
         masks = {}
         for i in run:
             mask = torch.zeros(cfg.num_experts, dtype=torch.bool)
-            mask[slice(num_experts) if cfg.elastic_nested else experts_by_usage(model, i, num_experts)] = True
+            mask[slice(num_experts) if cfg.elastic.nested else experts_by_usage(model, i, num_experts)] = True
             masks[i] = mask
     if top_k is not None and not 1 <= top_k <= (num_experts or cfg.num_experts):
         raise ValueError(f"top_k must be in [1, {num_experts or cfg.num_experts}], got {top_k}")
     return SubModel(layers=layers, top_k=None if top_k == cfg.top_k else top_k, expert_masks=masks)
 
 
-def half_active_cut(cfg: UnifiedConfig) -> tuple[int, int, int]:
-    """(depth, experts, top_k) of the combined cut at about half the active parameters: 75% of the layers,
-    half the experts, a quarter of k (4 layers / 16 experts / k=4 -> 3 / 8 / 1, 51% active)."""
-    return round(0.75 * cfg.num_layers), cfg.num_experts // 2, max(1, cfg.top_k // 4)
-
-
 def cut_submodel(cfg: UnifiedConfig, depth: int, num_experts: int, top_k: int,
                  generator: torch.Generator | None = None) -> SubModel:
     """The SubModel of a (depth, experts, top_k) cut as training runs it: evenly spaced layers; the first
-    experts when cfg.elastic_nested (what extraction cuts), else a random set per layer."""
+    experts when cfg.elastic.nested (what extraction cuts), else a random set per layer."""
+    check_cut(cfg, depth, num_experts, top_k)
     L, E = cfg.num_layers, cfg.num_experts
-    if not (1 <= depth <= L and top_k <= num_experts <= E and 1 <= top_k <= cfg.top_k):
-        raise ValueError(f"cut (depth={depth}, experts={num_experts}, top_k={top_k}) does not fit a model with "
-                         f"{L} layers, {E} experts and k={cfg.top_k}")
     layers = None if depth == L else evenly_spaced_layers(L, depth)
     masks = training_expert_masks(cfg, layers, num_experts, generator) if num_experts < E else None
     return SubModel(layers=layers, top_k=None if top_k == cfg.top_k else top_k, expert_masks=masks)
@@ -81,33 +76,36 @@ def training_expert_masks(cfg: UnifiedConfig, layers: tuple[int, ...] | None, ke
     E, masks = cfg.num_experts, {}
     for i in layers or range(cfg.num_layers):
         mask = torch.zeros(E, dtype=torch.bool)
-        mask[slice(kept) if cfg.elastic_nested else torch.randperm(E, generator=generator)[:kept]] = True
+        mask[slice(kept) if cfg.elastic.nested else torch.randperm(E, generator=generator)[:kept]] = True
         masks[i] = mask
     return masks
 
 
-def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth: float = 0.75,
-                    p_all_experts: float = 0.8, p_default_k: float = 0.8, min_depth_fraction: float = 0.5,
-                    min_expert_fraction: float = 0.5, coupled: bool = False, p_anchor: float = 0.0,
-                    anchor: tuple[int, int, int] | None = None) -> SubModel:
-    """One elastic-training draw (ERNIE 5.0 proportions by default): full depth with p_full_depth, else a
-    random ordered subset of layers; all experts with p_all_experts, else a random subset per layer
-    (masked out of routing); the default top-k with p_default_k, else a uniformly smaller k.
+def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, elastic: ElasticConfig | None = None,
+                    **changes) -> SubModel:
+    """One elastic-training draw with the settings `elastic` (default: the model's `cfg.elastic`, with
+    `changes` to its fields, e.g. `coupled=True`). Whether `elastic.enabled` is not looked at: a caller that
+    draws wants a draw. ERNIE 5.0 proportions by default: full depth with p_full_depth, else a random ordered
+    subset of layers; all experts with p_all_experts, else a random subset per layer (masked out of routing);
+    the default top-k with p_default_k, else a uniformly smaller k.
 
     coupled: one uniform draw decides all three reductions. Each keeps its probability, but they come
     together: with the defaults 20% of steps shrink depth, experts and k at once (independent draws: 1%),
     so combined sub-models get trained, and the full model runs on 75% of steps (independent: 48%).
-    cfg.elastic_nested: the layers are evenly spaced and the experts a prefix, exactly the sub-models that
-    `describe_submodel` cuts from such a model.
-    p_anchor: a draw that shrinks anything becomes the `anchor` cut (depth, experts, top_k; default
+    nested (a setting of the model's `cfg.elastic`): the layers are evenly spaced and the experts a prefix,
+    exactly the sub-models that `describe_submodel` cuts from such a model.
+    anchor: a draw that shrinks anything becomes the `anchor_cut` (depth, experts, top_k; default
     `half_active_cut`) with this probability, so the sub-model meant for deployment is trained on
-    p_anchor x (share of shrunken steps) of all steps instead of rarely (a "sandwich" at equal compute:
-    the full model keeps its share of steps). p_anchor = 0 draws exactly what earlier runs drew."""
+    anchor x (share of shrunken steps) of all steps instead of rarely (a "sandwich" at equal compute:
+    the full model keeps its share of steps). anchor = 0 draws exactly what earlier runs drew."""
+    e = (elastic or cfg.elastic).replace(**changes) if changes else (elastic or cfg.elastic)
+    if e.nested != cfg.elastic.nested:
+        cfg = cfg.replace(elastic=cfg.elastic.replace(nested=e.nested))
 
     def uniform() -> float:
         return float(torch.rand((), generator=generator))
 
-    shared = uniform() if coupled else None
+    shared = uniform() if e.coupled else None
 
     def reduced(p_keep: float) -> bool:
         return (uniform() if shared is None else shared) >= p_keep
@@ -117,23 +115,23 @@ def sample_submodel(cfg: UnifiedConfig, generator: torch.Generator, p_full_depth
 
     layers = None
     L = cfg.num_layers
-    if reduced(p_full_depth) and L > 1:
-        depth = randint(max(1, math.ceil(min_depth_fraction * L)), L - 1)
-        layers = (evenly_spaced_layers(L, depth) if cfg.elastic_nested
+    if reduced(e.p_full_depth) and L > 1:
+        depth = randint(max(1, math.ceil(e.min_depth_fraction * L)), L - 1)
+        layers = (evenly_spaced_layers(L, depth) if e.nested
                   else tuple(sorted(torch.randperm(L, generator=generator)[:depth].tolist())))
     if cfg.is_dense:
         return SubModel(layers=layers)
     E, k = cfg.num_experts, cfg.top_k
     masks, kept = None, E
-    if reduced(p_all_experts):
-        kept = randint(max(k, math.ceil(min_expert_fraction * E)), E - 1) if E - 1 >= k else E
+    if reduced(e.p_all_experts):
+        kept = randint(max(k, math.ceil(e.min_expert_fraction * E)), E - 1) if E - 1 >= k else E
         masks = training_expert_masks(cfg, layers, kept, generator)
     top_k = None
-    if reduced(p_default_k) and k > 1:
+    if reduced(e.p_default_k) and k > 1:
         top_k = randint(1, k - 1)
     sub = SubModel(layers=layers, top_k=top_k, expert_masks=masks)
-    if p_anchor > 0 and not sub.is_full() and uniform() < p_anchor:
-        return cut_submodel(cfg, *(anchor or half_active_cut(cfg)), generator=generator)
+    if e.anchor > 0 and not sub.is_full() and uniform() < e.anchor:
+        return cut_submodel(cfg, *(e.anchor_cut or half_active_cut(cfg)), generator=generator)
     return sub
 
 
@@ -150,7 +148,8 @@ def extract_submodel(model: UnifiedTransformer, sub: SubModel) -> UnifiedTransfo
     cfg = model.config
     layers = tuple(range(cfg.num_layers)) if sub.layers is None else tuple(sub.layers)
     model._check_sub(sub)
-    new_cfg = cfg.replace(num_layers=len(layers))
+    # the anchor cut is one of the super-model (it need not fit this one): not carried over
+    new_cfg = cfg.replace(num_layers=len(layers), elastic=cfg.elastic.replace(anchor=0.0, anchor_cut=None))
     blocks = []
     if not cfg.is_dense:
         masks = sub.expert_masks or {}
@@ -162,7 +161,7 @@ def extract_submodel(model: UnifiedTransformer, sub: SubModel) -> UnifiedTransfo
         # a cut that keeps other experts than a prefix is no longer nested: its own cuts go by usage
         prefixes = all(bool(m[:num_kept].all()) for m in kept.values())
         new_cfg = new_cfg.replace(num_experts=num_kept, top_k=sub.top_k or cfg.top_k,
-                                  elastic_nested=cfg.elastic_nested and prefixes)
+                                  elastic=new_cfg.elastic.replace(nested=cfg.elastic.nested and prefixes))
     for i in layers:
         block = copy.deepcopy(model.blocks[i])
         if not cfg.is_dense:

@@ -1,29 +1,33 @@
-"""Training loops of the unified model family: the VQ image tokenizer, then the elastic MoE transformer.
+"""Training tasks of the unified model family, run by the core engine: the VQ image tokenizer, then the elastic
+MoE transformer.
 
-Plain PyTorch on one process (the models are small and CPU-bound). Determinism: the examples of step k
-and the elastic sub-model of step k are functions of (seed, k); global RNG is re-seeded per step; a
-resumed run therefore repeats an uninterrupted one. Checkpoints reuse `training.checkpoint`
-(safetensors weights + optimizer state, written atomically); metrics go to metrics.jsonl.
+`VQTask` / `VQTrainConfig` train the tokenizer and export it into its run folder (vq_config.json +
+vq.safetensors, what `io.load_vq` reads). `UnifiedTask` / `UnifiedTrainConfig` train the unified model on
+three tasks at once (caption -> image, image -> caption, text) and export RUN/model (`io.save_model`), whose
+config.json carries the model's elastic settings.
+
+Determinism: the examples of step k, its elastic sub-model and the global RNG state of the step are functions
+of (seed, k) (plus the micro-batch and the process when grad_accum or data parallelism ask for more), so a
+resumed run repeats an uninterrupted one. With the same settings these tasks train the weights the earlier
+hand-written loops trained, bit for bit (tests/unified/test_unified_train.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ernielab.core.config import Config
+from ernielab.core.config import bounded
+from ernielab.core.engine import Engine, EngineSettings, Task
 from ernielab.core.images import to_uint8
-from ernielab.core.metrics import MetricsLog
-from ernielab.core.schedules import lr_factor
 from ernielab.core.seeding import derive_seed, generator
-from ernielab.unified.config import UnifiedConfig, VQConfig
+from ernielab.unified.config import TASKS, UnifiedConfig, VQConfig
 from ernielab.unified.evaluation import caption_correct, heldout
 from ernielab.unified.io import load_vq, save_model, save_vq
 from ernielab.unified.model import (
@@ -37,46 +41,10 @@ from ernielab.unified.model import (
 )
 from ernielab.unified.moe import balance_stats, expert_load
 from ernielab.unified.sequences import collate, image_to_text_sequence, text_sequence, text_to_image_sequence
-from ernielab.unified.submodel import cut_submodel, half_active_cut, sample_submodel, submodel_summary
+from ernielab.unified.submodel import sample_submodel
 from ernielab.unified.tokenizer import BOS, EOS, TextTokenizer, build_text_vocab
 from ernielab.unified.vq import VQTokenizer, psnr
 from ernielab.worlds.shapes import caption, render, sample_item_scene
-
-RESUME_FREE_FIELDS = ("steps", "log_every", "save_every", "keep_checkpoints", "eval_size")
-
-
-def restore(run_dir: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler, config: dict,
-            train_cfg: Config) -> int:
-    """Load run_dir's latest checkpoint (0 if none); refuse one written with other settings."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        return 0
-    ckpt = load_checkpoint(path)
-    saved = ckpt["config"]
-    if saved.get("model") != json.loads(json.dumps(config)):  # tuples come back from JSON as lists
-        raise ValueError(f"checkpoint {path} was trained with a different model config; train into another "
-                         f"run directory")
-    # compared as JSON (tuples are saved as lists); a setting added after the checkpoint was written
-    # counts as its default, which is what that run trained with
-    defaults = {f.name: f.default for f in dataclasses.fields(train_cfg) if f.default is not dataclasses.MISSING}
-    ours = {k: v for k, v in json.loads(json.dumps(train_cfg.to_dict())).items() if k not in RESUME_FREE_FIELDS}
-    theirs = {k: v for k, v in json.loads(json.dumps({**defaults, **saved.get("train", {})})).items()
-              if k not in RESUME_FREE_FIELDS}
-    if ours != theirs:
-        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        raise ValueError(f"checkpoint {path} was trained with different training settings {changed}; "
-                         f"train into another run directory")
-    for prefix, module in modules.items():
-        module.load_state_dict({k[len(prefix) + 1:]: v for k, v in ckpt["model"].items()
-                                if k.startswith(prefix + ".")})
-    optimizer.load_state_dict(ckpt["optim"]["optimizer"])
-    scheduler.load_state_dict(ckpt["optim"]["scheduler"])
-    return ckpt["step"]
-
-
-def _flat_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()}
-
 
 def render_split(n: int, image_size: int, seed: int, split: str = "train",
                  progress: bool = False) -> tuple[torch.Tensor, list[str]]:
@@ -94,21 +62,30 @@ def uint8_to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 
 
+def step_parts(seed: int, step: int, micro: int = 0, rank: int = 0) -> tuple[int, ...]:
+    """What a step's draws are seeded by: (seed, step), plus (micro, rank) beyond the first micro-batch of the
+    first process (so one process without accumulation draws exactly what the earlier loops drew)."""
+    return (seed, step) if micro == rank == 0 else (seed, step, micro, rank)
+
+
 # ================================================================================ VQ tokenizer
 
 
 @dataclasses.dataclass
-class VQTrainConfig(Config):
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    train_size: int = 10_000
-    eval_size: int = 256
-    seed: int = 0
-    log_every: int = 50
-    save_every: int = 200
-    keep_checkpoints: int = 1
+class VQTrainConfig(EngineSettings):
+    output_dir: str = "runs/unified/vq"  # also the VQ folder the export writes (vq_config.json, vq.safetensors)
+    model: VQConfig = dataclasses.field(default_factory=VQConfig.cpu)
+    steps: int = bounded(1500, ge=1)
+    lr: float = bounded(2e-3, gt=0)
+    warmup_steps: int = bounded(50, ge=0)
+    lr_schedule: str = bounded("cosine", choices=("constant", "cosine"))
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
+    grad_clip: float = bounded(0.0, ge=0)
+    log_every: int = bounded(50, ge=1)
+    save_every: int = bounded(200, ge=1)
+    keep_checkpoints: int = bounded(1, ge=1)
+    train_size: int = bounded(10_000, ge=1)  # rendered training images
+    eval_size: int = bounded(256, ge=1)  # held-out images of the final evaluation
 
 
 @torch.no_grad()
@@ -117,6 +94,7 @@ def evaluate_vq(vq: VQTokenizer, n: int = 256, seed: int = 0) -> dict[str, float
     reconstructions (how much of the image-level facts survives tokenisation)."""
     vq.eval()
     images, captions = heldout(n, vq.config.image_size, seed)
+    images = images.to(next(vq.parameters()).device)
     codes = vq.encode(images)
     recon = vq.decode(codes)
     counts = torch.bincount(codes.flatten(), minlength=vq.config.codebook_size).double()
@@ -130,105 +108,83 @@ def evaluate_vq(vq: VQTokenizer, n: int = 256, seed: int = 0) -> dict[str, float
             "align_original": float(np.mean(orig_ok)), "align_reconstruction": float(np.mean(rec_ok)), "n": n}
 
 
-def train_vq(vq_cfg: VQConfig, cfg: VQTrainConfig, run_dir: str | Path, resume: bool = True,
-             progress: bool = True) -> dict[str, Any]:
-    """Train the VQ tokenizer; writes checkpoints, metrics.jsonl, vq.safetensors and vq_config.json."""
-    run_dir = Path(run_dir)
-    torch.manual_seed(derive_seed("vq-init", cfg.seed))
-    vq = VQTokenizer(vq_cfg)
-    optimizer = torch.optim.AdamW(vq.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, "cosine", 0.1))
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints; resume, or train into a new run directory")
-    modules = {"vq": vq}
-    start = restore(run_dir, modules, optimizer, scheduler, vq_cfg.to_dict(), cfg) if resume else 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir / "metrics.jsonl", start)
-    if start and progress:
-        tqdm.write(f"resumed {run_dir} at step {start}")
-    images, _ = render_split(cfg.train_size, vq_cfg.image_size, cfg.seed, progress=progress)
-    vq.train()
-    t0, window = time.time(), []
-    bar = tqdm(total=cfg.steps, initial=start, desc="train vq", disable=not progress)
-    for step in range(start, cfg.steps):
-        torch.manual_seed(derive_seed("vq-step", cfg.seed, step))  # dead-code restarts draw from it
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=generator("vq-batch", cfg.seed, step))
-        _, parts = vq(uint8_to_float(images[idx]))
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        optimizer.step()
-        scheduler.step()
-        window.append({k: float(parts[k].detach()) for k in ("loss", "recon", "commit")})
-        done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-            log.write({"step": done, **record, "lr": scheduler.get_last_lr()[0], "elapsed_s": time.time() - t0})
-            bar.set_postfix(recon=f"{record['recon']:.4f}")
-            window = []
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(run_dir, done, _flat_state(modules), None, optimizer, scheduler,
-                            {"model": vq_cfg.to_dict(), "train": cfg.to_dict()}, keep=cfg.keep_checkpoints)
-    bar.close()
-    save_vq(run_dir, vq)
-    metrics = evaluate_vq(vq, cfg.eval_size, cfg.seed)
-    log.write({"step": cfg.steps, "split": "val", **metrics})
-    result = {"step": cfg.steps, "elapsed_s": time.time() - t0, "val": metrics}
-    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+class VQTask(Task):
+    """The VQ tokenizer on shapes-world images: reconstruction + commitment loss, EMA codebook."""
+
+    def __init__(self, config: VQTrainConfig, progress: bool = False, accelerator=None):
+        config.validate()
+        self.config, self.progress, self.accelerator = config, progress, accelerator
+        self._images: torch.Tensor | None = None
+
+    def train(self) -> dict:
+        return Engine(self, self.accelerator).fit()
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The training images, rendered on first use (after the engine has accepted the run)."""
+        if self._images is None:
+            self._images, _ = render_split(self.config.train_size, self.config.model.image_size, self.config.seed,
+                                           progress=self.progress)
+        return self._images
+
+    def build(self) -> dict[str, nn.Module]:
+        if not self.config.resume:  # a fresh start: the last run's tokenizer is not this one's
+            for name in ("vq.safetensors", "vq_config.json"):
+                (Path(self.config.output_dir) / name).unlink(missing_ok=True)
+        torch.manual_seed(derive_seed("vq-init", self.config.seed))
+        return {"model": VQTokenizer(self.config.model).to(self.engine.device)}
+
+    def batch(self, step: int, micro: int) -> torch.Tensor:
+        cfg = self.config
+        parts = step_parts(cfg.seed, step, micro, self.engine.rank)
+        torch.manual_seed(derive_seed("vq-step", *parts))  # dead-code restarts draw from it
+        idx = torch.randint(0, len(self.images), (cfg.batch_size,), generator=generator("vq-batch", *parts))
+        return uint8_to_float(self.images[idx]).to(self.engine.device)
+
+    def loss(self, model: nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        _, parts = model(batch)
+        return parts["loss"], {"recon": float(parts["recon"]), "commit": float(parts["commit"])}
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        return evaluate_vq(self.engine.accelerator.unwrap_model(model), self.config.eval_size, self.config.seed)
+
+    def export(self, model: nn.Module, run_dir: Path) -> Path:
+        save_vq(run_dir, model.cpu())
+        return run_dir
+
+
+def train_vq(config: VQTrainConfig, progress: bool = False) -> dict[str, Any]:
+    """Train the VQ tokenizer through the engine; -> the engine's result (with the final "eval")."""
+    return VQTask(config, progress).train()
 
 
 # ================================================================================ unified model
 
 
 @dataclasses.dataclass
-class UnifiedTrainConfig(Config):
-    steps: int = 1000
-    t2i_batch: int = 16  # caption -> image sequences per step
-    i2t_batch: int = 16  # image -> caption sequences per step
-    text_batch: int = 16  # text-only sequences per step
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    mtp_weight: float = 0.3
-    caption_dropout: float = 0.1  # empty caption for caption -> image: enables classifier-free guidance
-    elastic: bool = True
-    p_full_depth: float = 0.75
-    p_all_experts: float = 0.8
-    p_default_k: float = 0.8
-    elastic_coupled: bool = False  # one draw decides all three reductions (see sample_submodel)
-    # in-place distillation: on steps that train a smaller sub-model, add this weight times
-    # KL(full model || sub-model) to its loss; the full model's pass is extra forward work, no gradient
-    elastic_distill: float = 0.0
-    # share of the shrunken steps that train the deployment cut (sample_submodel's p_anchor); the cut is
-    # (depth, experts, top_k), None = half_active_cut (3 of 4 layers, 8 of 16 experts, k=1)
-    elastic_anchor: float = 0.0
-    anchor_cut: tuple[int, int, int] | None = None
-    min_depth_fraction: float = 0.5
-    min_expert_fraction: float = 0.5
-    train_size: int = 20_000
-    eval_size: int = 200
-    seed: int = 0
-    log_every: int = 25
-    save_every: int = 250
-    keep_checkpoints: int = 1
+class UnifiedTrainConfig(EngineSettings):
+    output_dir: str = "runs/unified/moe"  # the trained model goes to OUTPUT_DIR/model
+    vq_dir: str = "runs/unified/vq"  # a VQ folder written by `ernielab unified vq`
+    model: UnifiedConfig = dataclasses.field(default_factory=UnifiedConfig.cpu)  # incl. its `elastic` section
+    batch_size: int = bounded(16, ge=1)  # sequences per task and step
+    tasks: tuple[str, ...] = TASKS  # trained together; each step sums their losses
+    lr: float = bounded(3e-3, gt=0)
+    lr_schedule: str = bounded("cosine", choices=("constant", "cosine"))
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
+    weight_decay: float = bounded(0.05, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    log_every: int = bounded(25, ge=1)
+    save_every: int = bounded(250, ge=1)
+    keep_checkpoints: int = bounded(1, ge=1)
+    mtp_weight: float = bounded(0.3, ge=0)
+    caption_dropout: float = bounded(0.1, ge=0, le=1)  # empty caption for caption -> image: enables guidance
+    train_size: int = bounded(20_000, ge=1)  # rendered training items (images + captions)
 
-    def __post_init__(self):
-        if self.steps < 1 or min(self.t2i_batch, self.i2t_batch, self.text_batch) < 0:
-            raise ValueError("steps must be >= 1 and batch sizes >= 0")
-        if self.t2i_batch + self.i2t_batch + self.text_batch == 0:
-            raise ValueError("at least one task needs a positive batch size")
-        if self.elastic_distill < 0:
-            raise ValueError(f"elastic_distill must be >= 0, got {self.elastic_distill}")
-        if not 0 <= self.elastic_anchor <= 1:
-            raise ValueError(f"elastic_anchor must be in [0, 1], got {self.elastic_anchor}")
-        if self.anchor_cut is not None:
-            if len(self.anchor_cut) != 3:
-                raise ValueError(f"anchor_cut is (depth, experts, top_k), got {self.anchor_cut}")
-            self.anchor_cut = tuple(int(v) for v in self.anchor_cut)  # a JSON list when loaded back
+    def check(self) -> None:
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks) or not set(self.tasks) <= set(TASKS):
+            raise ValueError(f"tasks must be distinct names from {list(TASKS)}, got {list(self.tasks)}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must lie in [0, 1), got {list(self.adam_betas)}")
 
 
 class ShapesCorpus:
@@ -247,32 +203,36 @@ class ShapesCorpus:
         return len(self.text)
 
 
-def build_step_batches(corpus: ShapesCorpus, cfg: UnifiedTrainConfig, step: int) -> dict[str, dict]:
-    """The three task batches of a step: a function of (seed, step) only."""
-    gen = generator("unified-batch", cfg.seed, step)
-    n = len(corpus)
-    batches = {}
-    if cfg.t2i_batch:
-        idx = torch.randint(0, n, (cfg.t2i_batch,), generator=gen).tolist()
-        drop = (torch.rand(cfg.t2i_batch, generator=gen) < cfg.caption_dropout).tolist()
+def build_step_batches(corpus: ShapesCorpus, cfg: UnifiedTrainConfig, step: int, micro: int = 0,
+                       rank: int = 0) -> tuple[dict[str, dict], list[int]]:
+    """The task batches of a (micro-)step, a function of (seed, step, micro, rank) only; also the corpus items
+    they read. Tasks are drawn in the order of TASKS whatever the order of `cfg.tasks`."""
+    gen = generator("unified-batch", *step_parts(cfg.seed, step, micro, rank))
+    n, b = len(corpus), cfg.batch_size
+    batches, items = {}, []
+    if "t2i" in cfg.tasks:
+        idx = torch.randint(0, n, (b,), generator=gen).tolist()
+        drop = (torch.rand(b, generator=gen) < cfg.caption_dropout).tolist()
         batches["t2i"] = collate([text_to_image_sequence([BOS, EOS] if d else corpus.text[i], corpus.codes[i])
                                   for i, d in zip(idx, drop)])
-    if cfg.i2t_batch:
-        idx = torch.randint(0, n, (cfg.i2t_batch,), generator=gen).tolist()
+        items += idx
+    if "i2t" in cfg.tasks:
+        idx = torch.randint(0, n, (b,), generator=gen).tolist()
         batches["i2t"] = collate([image_to_text_sequence(corpus.codes[i], corpus.text[i]) for i in idx])
-    if cfg.text_batch:
+        items += idx
+    if "text" in cfg.tasks:
         grid = corpus.codes.shape[-1]
-        idx = torch.randint(0, n, (cfg.text_batch,), generator=gen).tolist()
+        idx = torch.randint(0, n, (b,), generator=gen).tolist()
         batches["text"] = collate([text_sequence(corpus.text[i], grid) for i in idx])
-    return batches
+        items += idx
+    return batches, items
 
 
-def step_submodel(model_cfg: UnifiedConfig, cfg: UnifiedTrainConfig, step: int) -> SubModel:
-    if not cfg.elastic:
+def step_submodel(model_cfg: UnifiedConfig, seed: int, step: int) -> SubModel:
+    """The elastic sub-model of a step (the same for all its micro-batches and processes)."""
+    if not model_cfg.elastic.enabled:
         return SubModel()
-    return sample_submodel(model_cfg, generator("unified-elastic", cfg.seed, step), cfg.p_full_depth,
-                           cfg.p_all_experts, cfg.p_default_k, cfg.min_depth_fraction, cfg.min_expert_fraction,
-                           coupled=cfg.elastic_coupled, p_anchor=cfg.elastic_anchor, anchor=cfg.anchor_cut)
+    return sample_submodel(model_cfg, generator("unified-elastic", seed, step))
 
 
 class LoadMeter:
@@ -299,94 +259,106 @@ class LoadMeter:
         return out
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices (and stacked expert weights); not norms, embeddings' positions or biases."""
-    decay, rest = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "image_pos" not in name else rest).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def submodel_logs(sub: SubModel, cfg: UnifiedConfig) -> dict[str, float]:
+    """The step's sub-model as numbers for metrics.jsonl: whole model or not, layers run, experts kept, k."""
+    experts = cfg.num_experts if sub.expert_masks is None else int(next(iter(sub.expert_masks.values())).sum())
+    return {"full": float(sub.is_full()), "sub_layers": float(cfg.num_layers if sub.layers is None else
+                                                              len(sub.layers)),
+            "sub_experts": float(0 if cfg.is_dense else experts),
+            "sub_top_k": float(0 if cfg.is_dense else sub.top_k or cfg.top_k)}
 
 
-def train_unified(model_cfg: UnifiedConfig, cfg: UnifiedTrainConfig, vq_dir: str | Path, run_dir: str | Path,
-                  resume: bool = True, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
-    """Train the unified model on shapes world (caption->image, image->caption, text) with elastic
-    sub-model sampling; exports the final model (with its VQ) to run_dir/model once cfg.steps are done.
+class UnifiedTask(Task):
+    """The unified model on shapes world (caption -> image, image -> caption, text) with elastic sub-model
+    draws, MTP heads and in-place distillation; after every optimizer step the routers' biases take one
+    auxiliary-loss-free balancing step from the load the step routed.
 
-    stop_after: leave after this many steps of this call (checkpointed), e.g. to train in time slices.
-    """
-    run_dir = Path(run_dir)
-    vq = load_vq(vq_dir)
-    if vq.config.grid != model_cfg.image_grid or vq.config.codebook_size != model_cfg.codebook_size:
-        raise ValueError(f"the VQ in {vq_dir} makes {vq.config.grid}x{vq.config.grid} grids of "
-                         f"{vq.config.codebook_size} codes; the model expects {model_cfg.image_grid}x"
-                         f"{model_cfg.image_grid} of {model_cfg.codebook_size}")
-    if not model_cfg.text_vocab:
-        model_cfg = model_cfg.replace(text_vocab=build_text_vocab())
-    tok = TextTokenizer(model_cfg.text_vocab)
-    if cfg.elastic and cfg.elastic_anchor > 0 and not model_cfg.is_dense:  # a bad cut fails now, not mid-run
-        cut_submodel(model_cfg, *(cfg.anchor_cut or half_active_cut(model_cfg)))
-    torch.manual_seed(derive_seed("unified-init", cfg.seed))
-    model = UnifiedTransformer(model_cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, "cosine", cfg.min_lr_ratio))
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints; resume, or train into a new run directory")
-    modules = {"model": model}
-    start = restore(run_dir, modules, optimizer, scheduler, model_cfg.to_dict(), cfg) if resume else 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg.save(run_dir / "model_config.json")
-    cfg.save(run_dir / "train_config.json")
-    log = MetricsLog(run_dir / "metrics.jsonl", start)
-    if start and progress:
-        tqdm.write(f"resumed {run_dir} at step {start}")
-    corpus = ShapesCorpus(vq, tok, cfg.train_size, cfg.seed, progress=progress)
-    model.train()
-    meter, window = LoadMeter(), []
-    t0 = time.time()
-    kind = "dense" if model_cfg.is_dense else "moe"
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train unified {kind}", disable=not progress)
-    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    for step in range(start, end):
-        torch.manual_seed(derive_seed("unified-step", cfg.seed, step))
-        sub = step_submodel(model_cfg, cfg, step)
-        loss, parts = torch.zeros(()), {}
-        distill = cfg.elastic_distill > 0 and not sub.is_full()
-        for task, batch in build_step_batches(corpus, cfg, step).items():
-            teacher = full_model_logits(model, batch) if distill else None
-            task_loss, task_parts = unified_loss(model, batch, sub, cfg.mtp_weight, teacher, cfg.elastic_distill)
+    Runs on one process (the CPU recipe of docs/unified.md; a data-parallel launch is refused): the loss reads
+    the heads and MTP modules outside the model's forward, where a DDP wrapper would not synchronise them."""
+
+    def __init__(self, config: UnifiedTrainConfig, progress: bool = False, accelerator=None):
+        config.validate()
+        self.vq = load_vq(config.vq_dir)
+        model_cfg = config.model
+        if self.vq.config.grid != model_cfg.image_grid or self.vq.config.codebook_size != model_cfg.codebook_size:
+            raise ValueError(f"the VQ in {config.vq_dir} makes {self.vq.config.grid}x{self.vq.config.grid} grids "
+                             f"of {self.vq.config.codebook_size} codes; the model expects {model_cfg.image_grid}x"
+                             f"{model_cfg.image_grid} of {model_cfg.codebook_size}")
+        if not model_cfg.text_vocab:  # the compact vocabulary, deterministic: resumed runs compare equal
+            config = config.replace(model=model_cfg.replace(text_vocab=build_text_vocab()))
+        self.config, self.progress, self.accelerator = config, progress, accelerator
+        self.tok = TextTokenizer(config.model.text_vocab)
+        self.meter = LoadMeter()
+        self._corpus: ShapesCorpus | None = None
+
+    def train(self) -> dict:
+        return Engine(self, self.accelerator).fit()
+
+    @property
+    def corpus(self) -> ShapesCorpus:
+        """Rendered and tokenised on first use (after the engine has accepted the run)."""
+        if self._corpus is None:
+            self._corpus = ShapesCorpus(self.vq, self.tok, self.config.train_size, self.config.seed,
+                                        progress=self.progress)
+        return self._corpus
+
+    def unwrap(self, model: nn.Module) -> UnifiedTransformer:
+        return self.engine.accelerator.unwrap_model(model)
+
+    def build(self) -> dict[str, nn.Module]:
+        if self.engine.accelerator.num_processes > 1:
+            raise ValueError("the unified model trains on one process; launch it without accelerate/torchrun")
+        if not self.config.resume:  # a fresh start: the last run's model is not this one's
+            shutil.rmtree(Path(self.config.output_dir) / "model", ignore_errors=True)
+        torch.manual_seed(derive_seed("unified-init", self.config.seed))
+        return {"model": UnifiedTransformer(self.config.model).to(self.engine.device)}
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return [{**group, "betas": tuple(self.config.adam_betas)}
+                for group in model.param_groups(self.config.weight_decay)]
+
+    def submodel(self, step: int) -> SubModel:
+        sub = step_submodel(self.config.model, self.config.seed, step)
+        if sub.expert_masks is not None:
+            sub.expert_masks = {i: m.to(self.engine.device) for i, m in sub.expert_masks.items()}
+        return sub
+
+    def batch(self, step: int, micro: int) -> dict[str, Any]:
+        cfg, device = self.config, self.engine.device
+        torch.manual_seed(derive_seed("unified-step", *step_parts(cfg.seed, step, micro, self.engine.rank)))
+        batches, items = build_step_batches(self.corpus, cfg, step, micro, self.engine.rank)
+        batches = {name: {k: v.to(device) for k, v in b.items()} for name, b in batches.items()}
+        return {"items": items, "tasks": batches, "sub": self.submodel(step)}
+
+    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, net, sub = self.config, self.unwrap(model), batch["sub"]
+        distill = cfg.model.elastic.distill
+        teach = distill > 0 and not sub.is_full()
+        loss, parts = torch.zeros((), device=self.engine.device), {}
+        for task, b in batch["tasks"].items():
+            teacher = full_model_logits(net, b) if teach else None
+            task_loss, task_parts = unified_loss(net, b, sub, cfg.mtp_weight, teacher, distill)
             loss = loss + task_loss
             parts.update({f"{task}_{k}": v for k, v in task_parts.items()})
             if sub.expert_masks is None:
-                meter.add(model, batch, sub.layers)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        for i, moe in model.moe_layers():
+                self.meter.add(net, b, sub.layers)
+        return loss, {**parts, **submodel_logs(sub, cfg.model)}
+
+    def after_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, float]:
+        """Auxiliary-loss-free balancing: each router's bias moves toward equal load (experts masked this step
+        are left alone); on logging steps, the expert load per modality since the last one."""
+        sub = self.submodel(step)
+        for i, moe in self.unwrap(model).moe_layers():
             moe.router.update_bias(None if sub.expert_masks is None else sub.expert_masks.get(i))
-        window.append({"loss": loss.item(), **parts, "full": float(sub.is_full())})
         done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done in (cfg.steps, end):
-            keys = sorted({k for w in window for k in w})
-            record = {k: float(np.mean([w[k] for w in window if k in w])) for k in keys}
-            record.update(meter.summary())
-            log.write({"step": done, **record, "lr": scheduler.get_last_lr()[0], "elapsed_s": time.time() - t0,
-                       "last_submodel": submodel_summary(sub)})
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            window = []
-        if done % cfg.save_every == 0 or done in (cfg.steps, end):
-            save_checkpoint(run_dir, done, _flat_state(modules), None, optimizer, scheduler,
-                            {"model": model_cfg.to_dict(), "train": cfg.to_dict()}, keep=cfg.keep_checkpoints)
-    bar.close()
-    if end < cfg.steps:
-        return {"step": end, "elapsed_s": time.time() - t0, "model_dir": None}
-    model.eval()
-    save_model(run_dir / "model", model, vq, {"step": cfg.steps, "kind": kind, "train": cfg.to_dict(),
-                                              "submodel": None})
-    result = {"step": cfg.steps, "elapsed_s": time.time() - t0, "model_dir": str(run_dir / "model")}
-    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+        return self.meter.summary() if done % self.config.log_every == 0 or done == self.config.steps else {}
+
+    def export(self, model: nn.Module, run_dir: Path) -> Path:
+        kind = "dense" if self.config.model.is_dense else "moe"
+        return save_model(run_dir / "model", model, self.vq, {"step": self.config.steps, "kind": kind,
+                                                              "train": self.config.to_dict(), "submodel": None})
+
+
+def train_unified(config: UnifiedTrainConfig, progress: bool = False) -> dict[str, Any]:
+    """Train the unified model through the engine; the finished model goes to OUTPUT_DIR/model."""
+    return UnifiedTask(config, progress).train()

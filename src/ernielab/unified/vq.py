@@ -70,6 +70,7 @@ class VQTokenizer(nn.Module):
 
     def __init__(self, config: VQConfig):
         super().__init__()
+        config.validate()
         self.config = config
         c, p = config.hidden, config.patch_size
         enc: list[nn.Module] = [nn.Conv2d(3, c, p, stride=p)]
