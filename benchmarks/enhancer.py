@@ -4,11 +4,15 @@ Intents ("a red thing", "three shapes", "a blue shape left of something") come f
 shapes-world scenes (test split), `--n` per scene kind. Each intent is drawn by the bundled image
 model twice with the same noise: from the intent itself, and from the enhancer's rewrite. Optionally
 (`--reference`) a third time from the scene's own full caption, as a ceiling. Every image is scored by
-the alignment detector against the attributes the *intent* specifies (`data.intents.check_intent`),
+the alignment detector against the attributes the *intent* specifies (`enhancer.intents.check_intent`),
 plus whether the detections form a well-formed shapes-world scene. The rewrites are also checked
 for consistency with the intent (valid caption agreeing with every attribute the intent says).
 
-    .venv/bin/python benchmarks/enhancer.py --n 100 --steps 25 --reference
+    .venv/bin/python benchmarks/enhancer.py --n 100 --steps 25 --reference     # the logged run
+    .venv/bin/python benchmarks/enhancer.py --smoke                            # seconds: 2 intents per kind, 2 steps
+
+The report goes to outputs/enhancer_benchmark/enhancer.json unless --out says otherwise (the logged one is
+benchmarks/results/enhancer/enhancer.json: pass `--out benchmarks/results/enhancer/enhancer.json` to rewrite it).
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ernielab.core.images import to_uint8
 from ernielab.enhancer.intents import (
     INTENT_ATTRIBUTES,
     caption_consistent,
@@ -40,8 +43,8 @@ def draw(pipe: TextToImagePipeline, prompts: list[str], seed: int, steps: int | 
     """uint8 images; image i uses seed + i whatever the chunking (see TextToImagePipeline.initial_noise)."""
     out = []
     for start in tqdm(range(0, len(prompts), chunk), desc=desc):
-        images = pipe.generate(prompts[start : start + chunk], seed=seed + start, steps=steps)
-        out.append(to_uint8(images))
+        out.append(pipe(prompts[start : start + chunk], seed=seed + start, num_inference_steps=steps,
+                        output_type="np").images)
     return np.concatenate(out)
 
 
@@ -76,13 +79,22 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="image pipeline folder (default: bundled)")
     ap.add_argument("--enhancer", default=None, help="enhancer folder (default: bundled)")
     ap.add_argument("--reference", action="store_true", help="also draw from the scenes' full captions")
-    ap.add_argument("--out", default="benchmarks/results/enhancer/enhancer.json")
-    ap.add_argument("--rows", default="runs/enhancer_bench/per_image.jsonl")
+    ap.add_argument("--out", default=None, help="report JSON (default: outputs/enhancer_benchmark/enhancer.json, "
+                    "or outputs/enhancer_benchmark_smoke/enhancer.json with --smoke)")
+    ap.add_argument("--rows", default=None, help="per-image JSONL (default: runs/enhancer_bench/per_image.jsonl, "
+                    "or next to the report with --smoke)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 2 intents per kind, 2 sampling steps, --reference")
     args = ap.parse_args()
+    if args.smoke:
+        args.n, args.steps, args.reference = 2, args.steps or 2, True
+    args.out = args.out or ("outputs/enhancer_benchmark_smoke/enhancer.json" if args.smoke
+                            else "outputs/enhancer_benchmark/enhancer.json")
+    args.rows = args.rows or (str(Path(args.out).with_name("per_image.jsonl")) if args.smoke
+                              else "runs/enhancer_bench/per_image.jsonl")
     torch.set_num_threads(1)
     pipe = TextToImagePipeline.from_pretrained(args.model)
     enhancer = PromptEnhancer.from_pretrained(args.enhancer)
-    report = {"n_per_kind": args.n, "steps": args.steps or pipe.config.steps, "guidance": pipe.config.guidance_scale,
+    report = {"smoke": args.smoke, "n_per_kind": args.n, "steps": args.steps or pipe.config.steps, "guidance": pipe.config.guidance_scale,
               "seed": args.seed, "torch_threads": torch.get_num_threads(), "kinds": {}, "timing_s": {}}
     all_rows = []
     for kind in KINDS:
@@ -116,6 +128,7 @@ def main() -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     print(json.dumps(report["overall"], indent=2))
+    print(f"report: {args.out}; per-image rows: {args.rows}")
 
 
 if __name__ == "__main__":

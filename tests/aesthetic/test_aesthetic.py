@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from ernielab.aesthetic.tiered import (
 from ernielab.aesthetic.train import AestheticTrainConfig, bradley_terry_loss, train_from_benchmark, train_head
 from ernielab.worlds.shapes import ShapesWorld, render
 
+REPO = Path(__file__).resolve().parents[2]
 
 def shapes_images(n: int, size: int = 32) -> np.ndarray:
     ds = ShapesWorld(n, size, split="test")
@@ -141,25 +143,158 @@ def test_training_beats_chance_on_easy_split(easy_benchmark, tmp_path):
 
     cfg = AestheticTrainConfig(benchmark=str(easy_benchmark), output_dir=str(tmp_path), backbone="pixels:4",
                                hidden=32, steps=200, batch_size=128, lr=3e-3)
-    scorer, report = train_from_benchmark(cfg, progress=False)
-    assert report["val_pair_accuracy"] > 0.6
+    result = train_from_benchmark(cfg, progress=False)
+    report = result["report"]
+    assert report["val_pair_accuracy"] > 0.6 and report["steps"] == 200
+    assert json.loads((tmp_path / "train_report.json").read_text()) == report
+    assert result["exported"] == str(tmp_path / "scorer") and result["scorer"].config.score_scale != 1.0  # calibrated
     test = evaluate_benchmark(load_scorer(tmp_path / "scorer"), easy_benchmark, progress=False)
     assert test["srcc"] > 0.5 and test["n"] == 60
     assert test["mean_score_per_tier"][10] > test["mean_score_per_tier"][1]
+    cache = list((tmp_path / "features").iterdir())  # features cached as safetensors only, no pickle anywhere
+    assert [p.suffix for p in cache] == [".safetensors"]
+    written = {p.suffix for p in tmp_path.rglob("*") if p.is_file()}
+    assert written <= {".safetensors", ".json", ".jsonl", ""}, written
 
 
-def test_training_resumes_exactly(tmp_path):
+def _ranked_pairs():
     torch.manual_seed(0)
     features = torch.randn(40, 6)
     order = features[:, 0].argsort(descending=True)
-    pairs = torch.stack([order[:-1], order[1:]], 1)
-    cfg = AestheticTrainConfig(output_dir=str(tmp_path), backbone="pixels:1", hidden=4, steps=40, batch_size=8,
-                               save_every=20, log_every=10)
-    full, _ = train_head(features, pairs, cfg, progress=False)
-    shutil.rmtree(tmp_path / "checkpoints" / "step-0000040")
-    resumed, _ = train_head(features, pairs, cfg, progress=False)
+    return features, torch.stack([order[:-1], order[1:]], 1)
+
+
+def _head_config(out, **kw) -> AestheticTrainConfig:
+    return AestheticTrainConfig(**{**dict(output_dir=str(out), backbone="pixels:1", hidden=4, steps=40, batch_size=8,
+                                          save_every=20, log_every=10), **kw})
+
+
+def test_training_resumes_exactly(tmp_path):
+    """40 steps straight vs 20 + resume through the engine: identical weights and optimizer state."""
+    from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint
+
+    features, pairs = _ranked_pairs()
+    full, result = train_head(features, pairs, _head_config(tmp_path))
+    assert result["step"] == 40 and result["exported"] == str(tmp_path / "scorer")
+    straight = load_checkpoint(latest_checkpoint(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000040")  # back to step 20, as if the run had stopped there
+    resumed, again = train_head(features, pairs, _head_config(tmp_path))
+    assert again["step"] == 40
     for a, b in zip(full.head.state_dict().values(), resumed.head.state_dict().values()):
         assert torch.equal(a, b)
+    split = load_checkpoint(latest_checkpoint(tmp_path))
+    assert all(torch.equal(straight["modules"]["model"][k], v) for k, v in split["modules"]["model"].items())
+    opt_a, opt_b = straight["states"]["optimizer"], split["states"]["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for i, state in opt_a["state"].items():
+        assert all(torch.equal(v, opt_b["state"][i][k]) for k, v in state.items())
+    assert straight["states"]["scheduler"] == split["states"]["scheduler"]
+
+
+def test_engine_port_matches_the_hand_written_loop(tmp_path):
+    """The pair batch of step t is a function of (seed, t) and dropout is seeded per step, as before the port:
+    a hand-rolled replica of the old loop (AdamW, cosine warm-up, no clipping) gives bit-identical weights."""
+    from ernielab.aesthetic.scorer import AestheticConfig
+    from ernielab.core.schedules import lr_factor
+    from ernielab.core.seeding import derive_seed, generator
+
+    features, pairs = _ranked_pairs()
+    cfg = _head_config(tmp_path, steps=12, dropout=0.3)
+    engine_scorer, _ = train_head(features, pairs, cfg)
+    torch.manual_seed(derive_seed(cfg.seed, "aesthetic-init"))
+    scorer = AestheticScorer(AestheticConfig(backbone=cfg.backbone, feature_dim=6, hidden=cfg.hidden, dropout=cfg.dropout))
+    scorer.head.set_normalization(features)
+    opt = torch.optim.AdamW(scorer.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps))
+    scorer.head.train()
+    for step in range(cfg.steps):
+        idx = torch.randint(len(pairs), (cfg.batch_size,), generator=generator(cfg.seed, "aesthetic", step))
+        torch.manual_seed(derive_seed(cfg.seed, "aesthetic-dropout", step))
+        scores = scorer.head(features[pairs[idx].flatten()]).view(-1, 2)
+        opt.zero_grad()
+        bradley_terry_loss(scores[:, 0], scores[:, 1]).backward()
+        opt.step()
+        sched.step()
+    for k, v in scorer.head.state_dict().items():
+        assert torch.equal(v, engine_scorer.head.state_dict()[k]), k
+
+
+def test_time_limited_run_exports_nothing(easy_benchmark, tmp_path):
+    cfg = AestheticTrainConfig(benchmark=str(easy_benchmark), output_dir=str(tmp_path), backbone="pixels:2",
+                               hidden=0, steps=50, batch_size=16, max_minutes=1e-9)
+    result = train_from_benchmark(cfg, progress=False)
+    assert result["stopped"].startswith("time limit") and result["exported"] is None and result["step"] == 1
+    assert not (tmp_path / "scorer").exists() and not (tmp_path / "train_report.json").exists()
+    assert (tmp_path / "checkpoints" / "step-0000001").is_dir()
+    done = train_from_benchmark(cfg.replace(max_minutes=0.0), progress=False)  # the same run, resumed
+    assert done["step"] == 50 and (tmp_path / "scorer" / "model.safetensors").is_file()
+
+
+def test_bad_training_input_fails_before_writing(easy_benchmark, tmp_path):
+    from ernielab.core.config import ConfigError
+
+    for bad, match in [({"hidden": -1}, "hidden: must be >= 0"), ({"steps": "many"}, "steps: expected int"),
+                       ({"backbone": "resnet"}, "backbone must be"), ({"val_fraction": 1.0}, "val_fraction")]:
+        with pytest.raises(ConfigError, match=match):
+            AestheticTrainConfig.from_dict({"benchmark": str(easy_benchmark), **bad})
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="set benchmark"):
+        train_from_benchmark(AestheticTrainConfig(output_dir=str(out)), progress=False)
+    with pytest.raises(FileNotFoundError):
+        train_from_benchmark(AestheticTrainConfig(benchmark=str(tmp_path / "nope"), output_dir=str(out)), progress=False)
+    assert not out.exists()
+    cfg = AestheticTrainConfig(benchmark=str(easy_benchmark), output_dir=str(out), backbone="pixels:2", hidden=0,
+                               steps=2, batch_size=8)
+    train_from_benchmark(cfg, progress=False)
+    cached = sorted(p.name for p in (out / "features").iterdir())
+    with pytest.raises(ValueError, match=r"other settings \(backbone, hidden\)"):  # another model in the run
+        train_from_benchmark(cfg.replace(backbone="pixels:3", hidden=4), progress=False)
+    assert sorted(p.name for p in (out / "features").iterdir()) == cached  # refused before extracting features
+
+
+def test_every_config_loads():
+    configs = sorted((REPO / "configs" / "aesthetic").glob("*.json"))
+    assert {p.stem for p in configs} >= {"default", "inception_linear", "pixels8_mlp"}
+    for path in configs:
+        cfg = AestheticTrainConfig.load(path)
+        assert cfg.benchmark and cfg.output_dir.startswith("runs/aesthetic/")
+    default = AestheticTrainConfig.load(REPO / "configs" / "aesthetic" / "default.json")
+    assert (default.backbone, default.hidden, default.steps, default.batch_size, default.lr) == ("inception", 128, 1500,
+                                                                                                256, 1e-3)
+
+
+def test_train_cli(easy_benchmark, tmp_path):
+    from ernielab.cli.main import app
+
+    config = str(REPO / "configs" / "aesthetic" / "default.json")
+    sets = [a for s in ("backbone=pixels:2", f"benchmark={easy_benchmark}", "batch_size=16",
+                        f"feature_cache={tmp_path / 'features'}") for a in ("--set", s)]
+    result = CliRunner().invoke(app, ["aesthetic", "train", config, *sets, "--set", "steps=2",
+                                      "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "trained to step 2" in result.output and (tmp_path / "run" / "scorer" / "config.json").is_file()
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["backbone"] == "pixels:2"
+    result = CliRunner().invoke(app, ["aesthetic", "train", config, *sets, "--set", "steps=3", "--set",
+                                      "max_minutes=1e-9", "--output-dir", str(tmp_path / "timed")])
+    assert result.exit_code == 0, result.output
+    assert "nothing exported" in result.output and not (tmp_path / "timed" / "scorer").exists()
+    result = CliRunner().invoke(app, ["aesthetic", "train", config, *sets, "--set", "hidden=-2",
+                                      "--output-dir", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "error:" in result.output and "hidden" in result.output
+    assert not (tmp_path / "bad").exists()
+    assert [p.suffix for p in (tmp_path / "features").iterdir()] == [".safetensors"]
+
+
+def test_benchmark_cli_checks_its_config_first(tmp_path):
+    from ernielab.cli.main import app
+
+    result = CliRunner().invoke(app, ["aesthetic", "benchmark", str(tmp_path / "b"), "--n-train", "1"])
+    assert result.exit_code == 2 and "n_train: must be >= 2" in result.output and not (tmp_path / "b").exists()
+    result = CliRunner().invoke(app, ["aesthetic", "benchmark", str(tmp_path / "b"), "--n-train", "12", "--n-test",
+                                      "10", "--image-size", "16", "--set", "swiss_rounds=2", "--set", "refine_rounds=0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "b" / "benchmark.json").read_text())
+    assert summary["config"]["n_train"] == 12 and summary["config"]["judge_noise"] == 0.2  # the config's default
 
 
 def test_quality_cues_react_to_degradations():

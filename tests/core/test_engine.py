@@ -201,3 +201,15 @@ def test_branch_from_another_run(tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(lr\)"):
         fit(tmp_path / "branch", steps=8, lr=0.02, branch_from=str(origin))
     assert fit(tmp_path / "branch", steps=8, lr=0.01, branch_from=str(origin))[0]["step"] == 8
+
+
+def test_fields_added_later_resume_at_their_default(tmp_path):
+    """A checkpoint written before a field existed resumes while that field keeps its default."""
+    fit(tmp_path, steps=2)
+    state = latest_checkpoint(tmp_path) / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["config"]["min_lr_ratio"]
+    state.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"other settings \(min_lr_ratio\)"):
+        fit(tmp_path, steps=4, min_lr_ratio=0.5)
+    assert fit(tmp_path, steps=4)[0]["step"] == 4

@@ -1,5 +1,7 @@
 """Prompt enhancer: intents and their checker, the chat input format, seeded sampling, the shipped model, CLIs."""
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from ernielab.worlds.alignment import detect
 from ernielab.worlds.shapes import KINDS, Scene, ShapeObject, render, sample_item_scene
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args):
@@ -189,16 +192,18 @@ def test_shipped_enhancer(shipped):
         assert caption_consistent(intent, revised), (intent, revised)
 
 
-def test_pipeline_enhance_keeps_tensor_output(tiny_pipeline_dir, shipped):
+def test_pipeline_enhancer_returns_the_revised_prompts(tiny_pipeline_dir, shipped):
     from ernielab.image.pipeline import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
-    images = pipe.generate(["a red thing", "two shapes"], steps=2, seed=7, enhance=shipped)
-    revised = pipe.revised_prompts
+    result = pipe(["a red thing", "two shapes"], num_inference_steps=2, seed=7, enhancer=shipped, output_type="pt")
+    images, revised = result.images, result.revised_prompts
     assert isinstance(images, torch.Tensor) and images.shape == (2, 3, 32, 32)
     assert revised == shipped.enhance_many(["a red thing", "two shapes"], seed=7)
-    assert torch.equal(images, pipe.generate(revised, steps=2, seed=7))
-    assert pipe.revised_prompts == revised
+    assert result.seeds == [7, 8]
+    plain = pipe(revised, num_inference_steps=2, seed=7, output_type="pt")
+    assert torch.equal(images, plain.images) and plain.revised_prompts == revised
+    assert not hasattr(pipe, "revised_prompts")  # the pipeline keeps no per-call state
 
 
 # ----------------------------------------------------------------------------- CLIs
@@ -241,16 +246,127 @@ def test_enhance_cli(tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
+def tiny_train_config(out, **kw) -> EnhancerTrainConfig:
+    base = dict(output_dir=str(out), num_pairs=64, vocab_size=300, n_positions=256, n_layer=1, n_embd=16, n_head=2,
+                steps=3, batch_size=4, warmup_steps=1, log_every=1, save_every=2, n_eval=2)
+    return EnhancerTrainConfig(**{**base, **kw})
+
+
 def test_training_runs_and_resumes(tmp_path):
-    cfg = EnhancerTrainConfig(num_pairs=64, vocab_size=300, n_positions=256, n_layer=1, n_embd=16, n_head=2, steps=3, batch_size=4,
-                              warmup=1, log_every=1, save_every=2, n_eval=2)
-    result = train_enhancer(cfg, tmp_path, progress=False)
+    cfg = tiny_train_config(tmp_path)
+    result = train_enhancer(cfg)
     assert result["step"] == 3 and 0 <= result["held_out"]["consistent"] <= 1
+    assert json.loads((tmp_path / "result.json").read_text())["held_out"] == result["held_out"]
     loaded = PromptEnhancer.from_pretrained(tmp_path / "enhancer")
     assert loaded.config.system_prompt == cfg.system_prompt and loaded.enhance("a red thing")
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(losses) == 3 and all(np.isfinite(losses))
-    again = train_enhancer(cfg.replace(steps=4), tmp_path, progress=False)  # resumes from step 3
-    assert again["step"] == 4 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
-    with pytest.raises(ValueError, match="different settings"):
-        train_enhancer(cfg.replace(lr=1.0), tmp_path, progress=False)
+    again = train_enhancer(cfg.replace(steps=4))  # resumes from step 3
+    assert again["step"] == 4
+    assert len([l for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]) == 4
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        train_enhancer(cfg.replace(steps=5, lr=1.0))
+
+
+def test_resume_is_exact(tmp_path):
+    """6 steps straight vs 4 + resume through the engine: identical weights and optimizer state; the tokenizer
+    travels in the checkpoint (JSON), nothing is pickled."""
+    from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint
+
+    cfg = tiny_train_config(tmp_path, steps=6, save_every=4, n_eval=0)
+    train_enhancer(cfg)
+    straight = load_checkpoint(latest_checkpoint(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000006")
+    train_enhancer(cfg)  # resumes from step 4
+    split = load_checkpoint(latest_checkpoint(tmp_path))
+    assert split["step"] == 6
+    for k, v in straight["modules"]["model"].items():
+        assert torch.equal(v, split["modules"]["model"][k]), k
+    opt_a, opt_b = straight["states"]["optimizer"], split["states"]["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert [g["weight_decay"] for g in opt_a["param_groups"]] == [cfg.weight_decay, 0.0]
+    for i, state in opt_a["state"].items():
+        assert all(torch.equal(v, opt_b["state"][i][k]) for k, v in state.items())
+    tokenizer = json.loads(split["states"]["task"]["tokenizer"])
+    assert json.loads((tmp_path / "enhancer" / "tokenizer.json").read_text())["model"] == tokenizer["model"]
+    assert {p.suffix for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == {".safetensors", ".json"}
+
+
+def test_engine_port_matches_the_hand_written_loop(tmp_path):
+    """Batches, dropout and initial weights are seeded as before the port: a replica of the old loop (AdamW with
+    decay on matrices only, cosine warm-up, clipping at 1) gives bit-identical weights."""
+    from ernielab.core.schedules import lr_factor
+    from ernielab.core.seeding import derive_seed
+    from ernielab.enhancer.train import EnhancerTask, build_model, collate
+
+    cfg = tiny_train_config(tmp_path, steps=4, n_eval=0)
+    train_enhancer(cfg)
+    task = EnhancerTask(cfg)
+    model = build_model(cfg, task.tokenizer)
+    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps))
+    model.train()
+    for step in range(cfg.steps):
+        rng = np.random.default_rng(derive_seed("batch", cfg.seed, step))
+        batch = collate([task.data[i] for i in rng.integers(len(task.data), size=cfg.batch_size)],
+                        task.tokenizer.pad_token_id)
+        torch.manual_seed(derive_seed("dropout", cfg.seed, step))
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    shipped = PromptEnhancer.from_pretrained(tmp_path / "enhancer").model.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, shipped[k]), k
+
+
+def test_time_limited_run_exports_nothing(tmp_path):
+    result = train_enhancer(tiny_train_config(tmp_path, steps=20, max_minutes=1e-9))
+    assert result["stopped"].startswith("time limit") and result["exported"] is None and result["step"] == 1
+    assert not (tmp_path / "enhancer").exists() and not (tmp_path / "result.json").exists()
+
+
+def test_bad_training_config_fails_before_writing(tmp_path):
+    from ernielab.core.config import ConfigError
+
+    for bad, match in [({"n_head": 3}, "multiple of n_head"), ({"image_sizes": [32, 0]}, r"image_sizes: must be >= 1"),
+                       ({"lr": "fast"}, "lr: expected float"), ({"image_sizes": []}, "image_sizes must name")]:
+        with pytest.raises(ConfigError, match=match):
+            EnhancerTrainConfig.from_dict(bad)
+    with pytest.raises(ValueError, match="exceeds n_positions"):
+        train_enhancer(tiny_train_config(tmp_path / "run", n_positions=16))
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_config_loads():
+    configs = sorted((REPO / "configs" / "enhancer").glob("*.json"))
+    assert "default" in {p.stem for p in configs}
+    for path in configs:
+        EnhancerTrainConfig.load(path)
+    default = EnhancerTrainConfig.load(REPO / "configs" / "enhancer" / "default.json")
+    shipped = json.loads((DEFAULT_ENHANCER / "config.json").read_text())
+    assert (default.n_layer, default.n_embd, default.n_head, default.n_positions) == (
+        shipped["n_layer"], shipped["n_embd"], shipped["n_head"], shipped["n_positions"])
+    assert EnhancerConfig.load(DEFAULT_ENHANCER / "enhancer.json").system_prompt == default.system_prompt
+
+
+def test_enhancer_group_cli(tmp_path):
+    """`ernielab enhancer train CONFIG` and `ernielab enhancer enhance PROMPT` (the family's command group)."""
+    sets = ["steps=2", "num_pairs=48", "vocab_size=300", "n_positions=256", "n_layer=1", "n_embd=16", "n_head=2",
+            "batch_size=4", "n_eval=1", "log_every=1"]
+    args = ["enhancer", "train", REPO / "configs" / "enhancer" / "default.json", *[a for s in sets for a in ("--set", s)]]
+    res = run(*args, "--output-dir", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "trained to step 2" in res.output and (tmp_path / "run" / "enhancer" / "config.json").is_file()
+    res = run(*args, "--set", "max_minutes=1e-9", "--set", "steps=5", "--output-dir", tmp_path / "timed")
+    assert res.exit_code == 0 and "nothing exported" in res.output, res.output
+    res = run(*args, "--set", "n_head=3", "--output-dir", tmp_path / "bad")
+    assert res.exit_code == 2 and res.output.strip().startswith("error:") and "n_head" in res.output
+    assert not (tmp_path / "bad").exists()
+    res = run("enhancer", "enhance", "a red thing", "--model", tmp_path / "run" / "enhancer", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.splitlines()[-1])["prompt"] == "a red thing"

@@ -1,4 +1,5 @@
-"""`ernielab aesthetic ...`: build a tiered benchmark, train a Bradley-Terry aesthetic head, score, evaluate."""
+"""`ernielab aesthetic ...`: build a tiered benchmark, train a Bradley-Terry aesthetic head (`train CONFIG.json`),
+score, evaluate."""
 from __future__ import annotations
 
 import json
@@ -7,43 +8,43 @@ from typing import Optional
 
 import typer
 
-from ernielab.core.cli import UserError, parse_sets, set_threads, user_errors
+from ernielab.core.cli import UserError, add_train_command, parse_sets, set_threads, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ERNIE-Image-Aes-style aesthetic scorer: tiered benchmark, Bradley-Terry training, SRCC/PLCC.")
 
 
-@app.command("make-benchmark")
 @user_errors
 def make_benchmark(out: Path = typer.Argument(..., help="benchmark root (train/ and test/ in ERIA-1K layout)"),
-                   n_train: int = typer.Option(1000), n_test: int = typer.Option(500),
-                   image_size: int = typer.Option(32), seed: int = typer.Option(0),
-                   judge_noise: float = typer.Option(0.2, help="judge's Bradley-Terry temperature (0 = noiseless)"),
+                   n_train: Optional[int] = typer.Option(None, help="train images (default: TieredBenchmarkConfig's)"),
+                   n_test: Optional[int] = typer.Option(None, help="test images (default: TieredBenchmarkConfig's)"),
+                   image_size: Optional[int] = typer.Option(None, help="pixels (default: TieredBenchmarkConfig's)"),
+                   seed: Optional[int] = typer.Option(None, help="default: TieredBenchmarkConfig's"),
+                   judge_noise: Optional[float] = typer.Option(
+                       None, help="judge's Bradley-Terry temperature (0 = noiseless; default: TieredBenchmarkConfig's)"),
                    set_: list[str] = typer.Option([], "--set", help="other TieredBenchmarkConfig fields, KEY=VALUE")):
     """Degraded shapes-world images, ranked by a Swiss tournament of a noisy judge, tiered 1-10."""
     from ernielab.aesthetic.tiered import TieredBenchmarkConfig, build_benchmark
 
-    fields = dict(n_train=n_train, n_test=n_test, image_size=image_size, seed=seed, judge_noise=judge_noise)
-    cfg = TieredBenchmarkConfig.from_dict({**fields, **parse_sets(set_)})
+    given = dict(n_train=n_train, n_test=n_test, image_size=image_size, seed=seed, judge_noise=judge_noise)
+    cfg = TieredBenchmarkConfig.from_dict({**{k: v for k, v in given.items() if v is not None},
+                                           **parse_sets(set_, TieredBenchmarkConfig)})
     typer.echo(json.dumps(build_benchmark(out, cfg)["splits"], indent=2))
 
 
-@app.command()
-@user_errors
-def train(benchmark: Path = typer.Argument(..., help="root made by make-benchmark"),
-          output_dir: Path = typer.Option(Path("runs/aesthetic/train"), help="checkpoints, features cache, scorer/"),
-          backbone: str = typer.Option("inception", help="inception | pixels:<k> | hf:<model folder>"),
-          hidden: int = typer.Option(128, help="MLP width (0 = linear head)"),
-          steps: int = typer.Option(1500), lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
-          threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)")):
-    """Train the head on the train split's pairwise judgments (resumes from output_dir)."""
-    from ernielab.aesthetic.train import AestheticTrainConfig, train_from_benchmark
+app.command("benchmark")(make_benchmark)
+app.command("make-benchmark", hidden=True)(make_benchmark)  # the command's earlier name
 
-    set_threads(threads)
-    cfg = AestheticTrainConfig(benchmark=str(benchmark), output_dir=str(output_dir), backbone=backbone,
-                               hidden=hidden, steps=steps, lr=lr, seed=seed)
-    _, report = train_from_benchmark(cfg)
-    typer.echo(json.dumps(report, indent=2))
+
+def run_training(cfg) -> dict:
+    """`ernielab aesthetic train CONFIG.json`: features (cached), the head through the engine, calibration."""
+    from ernielab.aesthetic.train import train_from_benchmark
+
+    return train_from_benchmark(cfg)
+
+
+add_train_command(app, "ernielab.aesthetic.train:AestheticTrainConfig", run_training,
+                  "the aesthetic head on a benchmark's pairwise judgments")
 
 
 @app.command("eval")

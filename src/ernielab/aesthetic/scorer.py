@@ -185,6 +185,10 @@ class AestheticScorer(nn.Module):
         self.config = config
         self.head = AestheticHead(config)
 
+    def forward(self, features: Tensor) -> Tensor:
+        """Raw (uncalibrated) Bradley-Terry scores of features [N, dim]: what training optimises."""
+        return self.head(features)
+
     @property
     def backbone(self):
         """Built on first use: scoring cached features never loads the (large) backbone."""

@@ -46,7 +46,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ernielab.core.config import Config
+from ernielab.core.config import Config, bounded
 from ernielab.core.seeding import derive_seed
 
 NUM_TIERS = 10
@@ -256,16 +256,16 @@ def tiers_from_ranks(ranks: np.ndarray, num_tiers: int = NUM_TIERS) -> np.ndarra
 
 @dataclass
 class TieredBenchmarkConfig(Config):
-    n_train: int = 1000
-    n_test: int = 500
-    image_size: int = 32  # the bundled model's size, so the scorer sees what the generator makes
+    n_train: int = bounded(1000, ge=2)
+    n_test: int = bounded(500, ge=2)
+    image_size: int = bounded(32, ge=16)  # the bundled model's size, so the scorer sees what the generator makes
     seed: int = 0
     kinds: tuple[str, ...] = tuple(DEFAULT_WEIGHTS)
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    active_prob: float = 0.4  # each degradation is present with this probability
-    judge_noise: float = 0.2  # Bradley-Terry temperature of the judge, in quality units
-    swiss_rounds: int = 12
-    refine_rounds: int = 6
+    active_prob: float = bounded(0.4, ge=0, le=1)  # each degradation is present with this probability
+    judge_noise: float = bounded(0.2, ge=0)  # Bradley-Terry temperature of the judge, in quality units
+    swiss_rounds: int = bounded(12, ge=1)
+    refine_rounds: int = bounded(6, ge=0)
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(DEGRADATIONS)
@@ -274,8 +274,6 @@ class TieredBenchmarkConfig(Config):
         missing = set(self.kinds) - set(self.weights)
         if missing:
             raise ValueError(f"no quality weight for degradations {sorted(missing)}")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
 
 
 def sample_severities(cfg: TieredBenchmarkConfig, rng: np.random.Generator) -> dict[str, float]:
@@ -322,6 +320,7 @@ def build_benchmark(root: str | Path, cfg: TieredBenchmarkConfig, progress: bool
     """Generate train and test splits under `root` (see the module docstring); returns the summary."""
     from scipy.stats import spearmanr
 
+    cfg.validate()  # before anything is written
     root = Path(root)
     summary: dict = {"config": cfg.to_dict(), "splits": {}}
     for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):

@@ -98,6 +98,7 @@ class Task:
 
     config: EngineSettings
     engine: Engine  # set by the engine before `build`
+    resumable_changes: frozenset[str] = frozenset()  # the task's own fields that may change on resume
     find_unused_parameters = False  # DDP: True when a step may leave parameters without gradients (routed experts)
 
     def build(self) -> dict[str, nn.Module]:
@@ -145,16 +146,17 @@ class Task:
         return None
 
 
-def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted names of fields whose values differ (a field the saved run did not have counts as unchanged when
-    the current value is what a config written before that field existed would load as, i.e. compared as JSON)."""
+def config_changes(saved: dict, current: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """Dotted names of fields whose values differ (compared as JSON). A field the saved run did not have (it was
+    added to ernielab later) counts as unchanged while the current value is that field's default."""
     changed = []
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(current)):
-        if key not in saved:
-            continue
-        a, b = saved.get(key), current.get(key)
+        a = saved[key] if key in saved else defaults.get(key, current.get(key))
+        b = current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += config_changes(a, b, f"{prefix}{key}.")
+            changed += config_changes(a, b, defaults.get(key) if isinstance(defaults.get(key), dict) else {},
+                                      f"{prefix}{key}.")
         elif json.dumps(a) != json.dumps(b):
             changed.append(f"{prefix}{key}")
     return changed
@@ -340,13 +342,15 @@ class Engine:
             path = latest_checkpoint(self.run_dir) if cfg.resume == "auto" else Path(cfg.resume)
         if path is not None:
             checkpoint = load_checkpoint(path)
-            changed = [k for k in config_changes(checkpoint["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+            changed = [k for k in config_changes(checkpoint["config"], cfg.to_dict(), self.defaults())
+                       if k not in RESUMABLE_CHANGES | self.task.resumable_changes]
             if changed:
                 raise ValueError(f"cannot resume {path}: it was trained with other settings ({', '.join(changed[:5])}); "
                                  f"use the same settings, --fresh to start over, or a new output_dir")
         elif cfg.branch_from:
             checkpoint = load_checkpoint(cfg.branch_from)
-            changed = [k for k in config_changes(checkpoint["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+            changed = [k for k in config_changes(checkpoint["config"], cfg.to_dict(), self.defaults())
+                       if k not in RESUMABLE_CHANGES | self.task.resumable_changes]
             self.branched = {"step": checkpoint["step"], "branched_from": str(cfg.branch_from), "changed": changed}
         else:
             return None
@@ -354,6 +358,13 @@ class Engine:
             raise ValueError(f"cannot continue {checkpoint['path']}: it is at step {checkpoint['step']}, past "
                              f"steps={cfg.steps}")
         return checkpoint
+
+    def defaults(self) -> dict:
+        """The config class's defaults (what a saved config without a newer field stood for)."""
+        try:
+            return type(self.config)().to_dict()
+        except (TypeError, ValueError):
+            return {}
 
     def restore(self, checkpoint: dict, modules: dict[str, nn.Module], ema: EMA | None, opt, sched) -> int:
         missing = [name for name in modules if name not in checkpoint["modules"]]

@@ -1,4 +1,5 @@
-"""`ernielab enhance`: rewrite short prompts with a prompt-enhancer LM (default: the bundled shapes-world one)."""
+"""`ernielab enhancer ...`: `enhance` rewrites short prompts with a prompt-enhancer LM (default: the bundled
+shapes-world one; also mounted as the top-level `ernielab enhance`), `train CONFIG.json` trains one."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from ernielab.core.cli import UserError, user_errors
+from ernielab.core.cli import UserError, add_train_command, user_errors
 
-app = typer.Typer(add_completion=False, help="Rewrite short prompts into full descriptions with a causal LM.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Prompt enhancer: rewrite short prompts with a causal LM (enhance), train one (train).")
 
 
-@app.callback(invoke_without_command=True)
 @user_errors
 def enhance(prompt: Optional[str] = typer.Argument(None, help="the prompt (or use --prompts FILE)"),
             prompts: Optional[Path] = typer.Option(None, "--prompts", help="text file, one prompt per line"),
@@ -39,3 +40,17 @@ def enhance(prompt: Optional[str] = typer.Argument(None, help="the prompt (or us
                                     top_p=top_p, progress=len(texts) > 1)
     for text, new in zip(texts, revised):
         typer.echo(json.dumps({"prompt": text, "revised": new}) if as_json else new)
+
+
+app.command("enhance")(enhance)
+
+
+def run_training(cfg) -> dict:
+    """`ernielab enhancer train CONFIG.json`: the shapes-world enhancer through the engine."""
+    from ernielab.enhancer.train import train_enhancer
+
+    return train_enhancer(cfg)
+
+
+add_train_command(app, "ernielab.enhancer.train:EnhancerTrainConfig", run_training,
+                  "a prompt enhancer (a tiny GPT-2 on shapes-world intent -> caption pairs)")

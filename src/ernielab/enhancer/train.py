@@ -1,32 +1,31 @@
-"""Train the small default prompt enhancer: a tiny GPT-2 that maps shapes-world intents to full captions.
+"""Train the small default prompt enhancer: a tiny GPT-2 that maps shapes-world intents to full captions, run by the
+core engine.
 
-Data are `data.intents` pairs from the shapes-world train split, put in the same chat format that
-`models.enhancer.PromptEnhancer` builds at inference (system prompt, JSON user message, chat
+Data are `enhancer.intents` pairs from the shapes-world train split, put in the same chat format that
+`enhancer.model.PromptEnhancer` builds at inference (system prompt, JSON user message, chat
 template), so the shipped model runs through the code path of a real enhancer. The loss covers the
 answer tokens only. A byte-level BPE tokenizer is fitted on the corpus with the `tokenizers`
 library, so any text can be encoded offline.
 
-    python -m ernielab.enhancer.train --out runs/enhancer --export src/ernielab/assets/enhancer
+    ernielab enhancer train configs/enhancer/default.json     # -> runs/enhancer/enhancer/
 
-Resumable: the batch of step k is a function of (seed, k), checkpoints use `training.checkpoint`.
+Resumable through the engine: the batch of step k is a function of (seed, k), and the fitted tokenizer is kept
+in every checkpoint, so a resumed run uses the very same vocabulary.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ernielab.core.config import Config
-from ernielab.core.metrics import MetricsLog
-from ernielab.core.schedules import lr_factor
+from ernielab.core.config import bounded
+from ernielab.core.engine import Engine, EngineSettings, Task
 from ernielab.core.seeding import derive_seed
 from ernielab.enhancer.intents import caption_consistent, intent_pair, parse_intent
 from ernielab.enhancer.model import EnhancerConfig, PromptEnhancer
@@ -38,30 +37,33 @@ CHAT_TEMPLATE = (
     "{%- for message in messages -%}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
-RESUME_FREE_FIELDS = ("steps", "log_every", "save_every", "n_eval")
 # Short on purpose: the system message is in every training sequence, and sequence length is the cost.
 SHAPES_SYSTEM_PROMPT = "Describe the requested picture in full: colour, shape, number and place of every object."
 
 
 @dataclasses.dataclass
-class EnhancerTrainConfig(Config):
-    seed: int = 0
+class EnhancerTrainConfig(EngineSettings):
     system_prompt: str = SHAPES_SYSTEM_PROMPT
-    num_pairs: int = 20_000  # distinct training pairs (train split of shapes world)
-    image_sizes: tuple[int, ...] = (32, 64)  # width/height put in the JSON; the answer does not depend on them
-    vocab_size: int = 600
-    n_layer: int = 3
-    n_embd: int = 128
-    n_head: int = 4
-    n_positions: int = 128
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    log_every: int = 50
-    save_every: int = 500
-    n_eval: int = 200  # held-out intents scored at the end
+    num_pairs: int = bounded(20_000, ge=1)  # distinct training pairs (train split of shapes world)
+    image_sizes: tuple[int, ...] = bounded((32, 64), ge=1)  # width/height put in the JSON; the answer ignores them
+    vocab_size: int = bounded(600, ge=1)  # BPE target; the fitted vocabulary may be smaller
+    n_layer: int = bounded(3, ge=1)
+    n_embd: int = bounded(128, ge=1)
+    n_head: int = bounded(4, ge=1)
+    n_positions: int = bounded(128, ge=8)
+    n_eval: int = bounded(200, ge=0)  # held-out intents scored at the end
+    # engine fields whose defaults differ for the enhancer
+    output_dir: str = "runs/enhancer"
+    lr: float = bounded(2e-3, gt=0)
+    lr_schedule: str = bounded("cosine", choices=("constant", "cosine"))
+    weight_decay: float = bounded(0.01, ge=0)
+    log_every: int = bounded(50, ge=1)
+
+    def check(self) -> None:
+        if not self.image_sizes:
+            raise ValueError("image_sizes must name at least one size")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int):
@@ -128,87 +130,6 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def prepare_tokenizer(run_dir: Path, cfg: EnhancerTrainConfig, pairs: list[dict]):
-    """Fit once and keep in the run folder, so a resumed run uses the very same vocabulary."""
-    from transformers import AutoTokenizer
-
-    path = run_dir / "tokenizer"
-    if (path / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(path)
-    corpus = [cfg.system_prompt] * 1000 + [
-        json.dumps({"prompt": p["intent"], "width": p["size"], "height": p["size"]}) for p in pairs
-    ] + [p["target"] for p in pairs]
-    tok = build_tokenizer(corpus, cfg.vocab_size)
-    tok.save_pretrained(path)
-    return tok
-
-
-def restore(run_dir: Path, model, optimizer, scheduler, cfg: EnhancerTrainConfig) -> int:
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        return 0
-    ckpt = load_checkpoint(path)
-    ours = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in RESUME_FREE_FIELDS}
-    theirs = {k: v for k, v in ckpt["config"].items() if k not in RESUME_FREE_FIELDS}
-    if ours != theirs:
-        changed = sorted(k for k in ours if ours[k] != theirs.get(k))
-        raise ValueError(f"checkpoint {path} was trained with different settings {changed}; use another run folder")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optim"]["optimizer"])
-    scheduler.load_state_dict(ckpt["optim"]["scheduler"])
-    return ckpt["step"]
-
-
-def train_enhancer(cfg: EnhancerTrainConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Train (resuming from the latest checkpoint), save the enhancer to run_dir/enhancer, score it."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "train_config.json")
-    t0 = time.time()
-    pairs = make_pairs(cfg, cfg.num_pairs, "train")
-    tokenizer = prepare_tokenizer(run_dir, cfg, pairs)
-    model = build_model(cfg, tokenizer)
-    enhancer = PromptEnhancer(model, tokenizer, EnhancerConfig(system_prompt=cfg.system_prompt))
-    data = encode_pairs(enhancer, pairs, cfg.n_positions)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup))
-    start = restore(run_dir, model, optimizer, scheduler, cfg)
-    log = MetricsLog(run_dir / "metrics.jsonl", start)
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc="train enhancer", disable=not progress)
-    window: list[float] = []
-    for step in range(start, cfg.steps):
-        rng = np.random.default_rng(derive_seed("batch", cfg.seed, step))
-        batch = collate([data[i] for i in rng.integers(len(data), size=cfg.batch_size)], tokenizer.pad_token_id)
-        torch.manual_seed(derive_seed("dropout", cfg.seed, step))
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        window.append(loss.item())
-        done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log.write({"step": done, "loss": float(np.mean(window)), "lr": scheduler.get_last_lr()[0],
-                       "elapsed_s": time.time() - t0})
-            bar.set_postfix(loss=f"{np.mean(window):.3f}")
-            window = []
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(run_dir, done, model.state_dict(), None, optimizer, scheduler, cfg.to_dict())
-    bar.close()
-    train_s = time.time() - t0
-    enhancer = PromptEnhancer(model.eval(), tokenizer, EnhancerConfig(system_prompt=cfg.system_prompt, max_new_tokens=64))
-    enhancer.save_pretrained(run_dir / "enhancer")
-    result = {"step": cfg.steps, "train_s": train_s, "held_out": consistency(enhancer, cfg.n_eval, cfg.seed)}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
 def consistency(enhancer: PromptEnhancer, n: int, seed: int = 0, split: str = "val") -> dict[str, float]:
     """Fraction of held-out intents whose rewrite is a valid caption agreeing with the intent (sampled, seed + i)."""
     pairs = [intent_pair(seed, split, i) for i in range(n)]
@@ -217,20 +138,101 @@ def consistency(enhancer: PromptEnhancer, n: int, seed: int = 0, split: str = "v
     return {"n": n, "consistent": float(np.mean(ok)) if ok else 0.0}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="train the shapes-world prompt enhancer")
-    ap.add_argument("--out", default="runs/enhancer", help="run folder (resumes from its checkpoints)")
-    ap.add_argument("--export", default="", help="also copy the trained enhancer here (e.g. src/ernielab/assets/enhancer)")
-    ap.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. steps=500")
-    args = ap.parse_args()
-    from ernielab.core.cli import parse_sets
-
-    cfg = EnhancerTrainConfig.from_dict(parse_sets(args.set))
-    result = train_enhancer(cfg, args.out)
-    if args.export:
-        PromptEnhancer.from_pretrained(Path(args.out) / "enhancer").save_pretrained(args.export)
-    print(json.dumps(result, indent=2))
+def tokenizer_corpus(cfg: EnhancerTrainConfig, pairs: list[dict]) -> list[str]:
+    return [cfg.system_prompt] * 1000 + [
+        json.dumps({"prompt": p["intent"], "width": p["size"], "height": p["size"]}) for p in pairs
+    ] + [p["target"] for p in pairs]
 
 
-if __name__ == "__main__":
-    main()
+def tokenizer_from_json(text: str):
+    """The tokenizer `build_tokenizer` made, from its backend's JSON (as kept in a checkpoint)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=END, pad_token=PAD,
+                                  additional_special_tokens=list(ROLE_TOKENS), model_max_length=10_000)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+class EnhancerTask(Task):
+    """Next-token loss on the answer tokens of (chat prompt, full caption) sequences; exports a PromptEnhancer
+    folder to <output_dir>/enhancer and scores it on held-out intents."""
+
+    resumable_changes = frozenset({"n_eval"})  # the final evaluation's size, not what is learned
+
+    def __init__(self, config: EnhancerTrainConfig):
+        config.validate()
+        self.config = config
+        self.pairs = make_pairs(config, config.num_pairs, "train")
+        self.set_tokenizer(build_tokenizer(tokenizer_corpus(config, self.pairs), config.vocab_size))
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Use `tokenizer` and encode the training pairs with it (long examples are refused here, before any
+        file is written)."""
+        self.tokenizer = tokenizer
+        enhancer = PromptEnhancer(nn.Identity(), tokenizer, EnhancerConfig(system_prompt=self.config.system_prompt))
+        self.data = encode_pairs(enhancer, self.pairs, self.config.n_positions)
+
+    def build(self) -> dict[str, nn.Module]:
+        self.rank = self.engine.rank
+        return {"model": build_model(self.config, self.tokenizer).to(self.engine.device)}
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Matrices decay, biases and norms do not (the model is transformers' GPT-2, so the groups live here)."""
+        params = list(model.parameters())
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.config.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+    def _parts(self, step: int, micro: int) -> tuple:
+        """(seed, k): the seeds of the hand-written loop for one process without accumulation; + rank beyond."""
+        k = step * self.config.grad_accum + micro
+        return (self.config.seed, k, self.rank) if self.rank else (self.config.seed, k)
+
+    def batch(self, step: int, micro: int) -> dict:
+        cfg, parts = self.config, self._parts(step, micro)
+        rng = np.random.default_rng(derive_seed("batch", *parts))
+        batch = collate([self.data[i] for i in rng.integers(len(self.data), size=cfg.batch_size)],
+                        self.tokenizer.pad_token_id)
+        return {k: v.to(self.engine.device) for k, v in batch.items()} | {"dropout_seed": derive_seed("dropout", *parts)}
+
+    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        torch.manual_seed(batch["dropout_seed"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, {}
+
+    def state(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer.backend_tokenizer.to_str()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("tokenizer")
+        if saved and saved != self.tokenizer.backend_tokenizer.to_str():  # e.g. another `tokenizers` version
+            tokenizer = tokenizer_from_json(saved)
+            if len(tokenizer) != len(self.tokenizer):
+                raise ValueError(f"the checkpoint's tokenizer has {len(tokenizer)} tokens, a fresh fit "
+                                 f"{len(self.tokenizer)}; start over with --fresh")
+            self.set_tokenizer(tokenizer)
+
+    def shipped(self, model: nn.Module) -> PromptEnhancer:
+        config = EnhancerConfig(system_prompt=self.config.system_prompt, max_new_tokens=64)
+        return PromptEnhancer(model, self.tokenizer, config)
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        model = model.module if hasattr(model, "module") else model
+        return consistency(self.shipped(model), self.config.n_eval, self.config.seed) if self.config.n_eval else {}
+
+    def export(self, model: nn.Module, run_dir: Path) -> Path:
+        out = run_dir / "enhancer"
+        self.shipped(model.cpu().eval()).save_pretrained(out)
+        return out
+
+
+def train_enhancer(cfg: EnhancerTrainConfig, accelerator=None) -> dict[str, Any]:
+    """Train through the engine (resuming from the latest checkpoint in `cfg.output_dir`), export the enhancer to
+    <output_dir>/enhancer and score it on `n_eval` held-out intents ("held_out", also in result.json)."""
+    result = Engine(EnhancerTask(cfg), accelerator).fit()
+    if result["stopped"] is None:
+        result["held_out"] = result.get("eval", {})
+        summary = {"step": result["step"], "train_s": result["elapsed_s"], "held_out": result["held_out"]}
+        (Path(cfg.output_dir) / "result.json").write_text(json.dumps(summary, indent=2))
+    return result
