@@ -118,11 +118,7 @@ def _mount_families() -> None:
                 ("sparse", "ERNIE-Sparse: hierarchical sparse transformer on LRA tasks"),
                 ("unified", "ERNIE 5.0-style unified autoregressive MoE")]
     for name, help_text in families:
-        try:  # TEMPORARY while families move to the contract
-            module = importlib.import_module(f"ernielab.{name}.cli")
-            app.add_typer(module.app, name=name, help=help_text)
-        except (ImportError, AttributeError):
-            continue
+        app.add_typer(importlib.import_module(f"ernielab.{name}.cli").app, name=name, help=help_text)
     from ernielab.enhancer.cli import enhance
     from ernielab.image.cli import info
 
