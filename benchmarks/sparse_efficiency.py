@@ -16,7 +16,9 @@ runs one forward+backward and reports VmHWM - VmRSS(before): the extra resident 
 Time: the fastest of --repeats further iterations (wall clock, torch.set_num_threads(--threads)); the
 minimum is the least disturbed by other processes on a shared machine. All timings are also saved.
 
-    python benchmarks/sparse_efficiency.py --threads 1 --out outputs/sparse_efficiency.json
+    python benchmarks/sparse_efficiency.py --threads 1             # -> outputs/sparse_efficiency.json
+    python benchmarks/sparse_efficiency.py --smoke                 # seconds: short lengths, small layer
+                                                                   # -> outputs/smoke/sparse_efficiency.json
 """
 from __future__ import annotations
 
@@ -128,7 +130,10 @@ def main():
     p.add_argument("--num-global", type=int, default=16, help="HST representatives / BigBird globals")
     p.add_argument("--random-blocks", type=int, default=3, help="BigBird random blocks per query block")
     p.add_argument("--repeats", type=int, default=3, help="timed iterations after the measured first one")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default: outputs/sparse_efficiency.json; with --smoke outputs/smoke/...)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few seconds: length 256, width 32, blocks of 32, one timed repeat")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="hst", help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, default=1024, help=argparse.SUPPRESS)
@@ -136,6 +141,10 @@ def main():
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    if args.smoke:
+        args.lengths, args.dim, args.heads, args.block_size, args.num_global, args.random_blocks, args.repeats = \
+            "256", 32, 2, 32, 4, 1, 1
+    args.out = args.out or Path("outputs/smoke/sparse_efficiency.json" if args.smoke else "outputs/sparse_efficiency.json")
     lengths = [int(x) for x in args.lengths.split(",")]
     impls = args.impls.split(",")
     results = []
@@ -148,11 +157,11 @@ def main():
             print(json.dumps(r), flush=True)
     print()
     print(table(results, impls, lengths))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in
-                                                     ("worker", "impl", "length", "out")},
-                                        "results": results}, indent=2, default=str) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in
+                                                 ("worker", "impl", "length", "out", "smoke")},
+                                    "results": results}, indent=2, default=str) + "\n")
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

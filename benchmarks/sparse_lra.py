@@ -29,6 +29,12 @@ own intensity, Pathfinder's best dot-distance threshold. The 16x16 Pathfinder le
     python benchmarks/sparse_lra.py --task pathfinder --image-size 16 --gap 0 --marker-value 128 \
         --match-distance --num-train 10000 --data outputs/lra/pathfinder16-matched --max-len 256 \
         --set pos_encoding=sincos-2d --set image_width=16 --steps 1500 --batch-size 32 --lr 1e-3 --threads 1
+
+Each run is `ernielab sparse train` with one of configs/sparse/*.json (the same settings; a test checks that
+the configs match the settings stored with the results in benchmarks/results/sparse/). Everything is written
+under outputs/ unless --runs / --out say otherwise. A smoke run (tiny data, 4 steps per model, seconds):
+
+    python benchmarks/sparse_lra.py --setting smoke        # -> outputs/smoke/sparse_lra.json
 """
 from __future__ import annotations
 
@@ -42,8 +48,8 @@ import torch
 
 from ernielab.core.cli import parse_sets
 from ernielab.sparse.config import PRESETS
-from ernielab.sparse.lra import ListOpsSpec, PathfinderSpec, load_task, split_exists, write_listops, write_pathfinder
-from ernielab.sparse.train import BEST_DIR, SparseTrainConfig, evaluate, load_trained, train_classifier
+from ernielab.sparse.lra import ListOpsSpec, PathfinderSpec, SparseDataConfig, ensure_data, load_task
+from ernielab.sparse.train import BEST_DIR, SparseTrainConfig, evaluate, load_trained, train
 
 MODELS = {"dense": ("dense", 0.0), "bigbird": ("bigbird", 0.0), "hst": ("hst", 0.0), "hst-sar": ("hst", None)}
 # Named bundles of defaults. listops-len128: the official generator spec with lengths 20-128 (exclusive)
@@ -63,6 +69,10 @@ SETTINGS = {
                               batch_size=32, lr=1e-3, warmup_steps=200, set=["block_size=8"],
                               runs=Path("outputs/sparse_lra_runs_len128_5k"),
                               out=Path("outputs/sparse_lra_listops_len128_5k.json")),
+    # a few seconds end to end: tiny ListOps, the test-size model, 4 steps per model
+    "smoke": dict(task="listops", data=Path("outputs/smoke/lra/listops"), min_length=4, max_length=40, num_train=64,
+                  num_val=16, num_test=16, max_len=64, preset="tiny", steps=4, batch_size=8, warmup_steps=1,
+                  eval_every=2, runs=Path("outputs/smoke/sparse_lra_runs"), out=Path("outputs/smoke/sparse_lra.json")),
 }
 NAMES = {"dense": "Transformer (dense)", "bigbird": "BigBird (block+global+random)", "hst": "HST",
          "hst-sar": "HST + SAR"}
@@ -81,24 +91,14 @@ def data_spec(args):
     return None
 
 
-def ensure_data(args) -> None:
-    """Generate missing data; refuse existing data made with other generator settings, so a table is
-    never silently computed on a different variant than the command states."""
+def data_config(args) -> SparseDataConfig:
+    """The data section every run's config gets: missing data is generated with the spec the command line asks
+    for, and existing data made with other generator settings is refused (ensure_data), so a table is never
+    silently computed on a different variant than the command states."""
     spec = data_spec(args)
-    if split_exists(args.task, args.data, "train"):
-        saved = args.data / f"{args.task}_spec.json"
-        if spec is not None and saved.is_file():
-            wanted = {"seed": args.data_seed, **spec.to_dict()}
-            found = {**wanted, **json.loads(saved.read_text())}  # fields added later keep their defaults
-            if found != wanted:
-                changed = sorted(k for k in wanted if wanted[k] != found[k])
-                raise SystemExit(f"{args.data} was generated with other settings {changed}; use another --data")
-        return
-    if spec is None:
-        raise SystemExit(f"no data at {args.data} (text data is user-supplied)")
-    print(f"generating {args.task} data in {args.data}")
-    write = write_listops if args.task == "listops" else write_pathfinder
-    write(args.data, spec, seed=args.data_seed)
+    return SparseDataConfig(task=args.task, path=str(args.data), seed=args.data_seed,
+                            listops=spec if args.task == "listops" else None,
+                            pathfinder=spec if args.task == "pathfinder" else None)
 
 
 def marker_distances(images: np.ndarray, marker_value: int) -> np.ndarray:
@@ -208,38 +208,46 @@ def run_dir_for(args, name: str) -> Path:
     return args.runs / f"{args.task}-{name}{suffix}"
 
 
-def run_model(args, name: str) -> dict:
+def train_config(args, name: str) -> SparseTrainConfig:
+    """The config of one model's run (what `ernielab sparse train` gets from configs/sparse/*.json)."""
     attention, alpha = MODELS[name]
     alpha = args.sar_alpha if alpha is None else alpha
     base = PRESETS[args.preset](attention)
     max_len = args.max_len or base.max_len
-    train_ds, labels = load_task(args.task, args.data, "train", max_len)
-    val_ds = load_task(args.task, args.data, "val", max_len, labels)[0]
-    test_ds = load_task(args.task, args.data, "test", max_len, labels)[0]
+    train_ds, _ = load_task(args.task, args.data, "train", max_len)
     model_cfg = base.replace(max_len=max_len, vocab_size=train_ds.vocab_size, num_classes=train_ds.num_classes,
                              sar_alpha=alpha, **parse_sets(args.set))
-    train_cfg = SparseTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                  warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                                  seed=args.seed, eval_every=args.eval_every, save_every=args.eval_every)
-    run_dir = run_dir_for(args, name)
+    return SparseTrainConfig(model=model_cfg, data=data_config(args), output_dir=str(run_dir_for(args, name)),
+                             steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed,
+                             eval_every=args.eval_every, save_every=args.eval_every,
+                             eval_batch_size=args.eval_batch_size, max_minutes=args.max_minutes)
+
+
+def run_model(args, name: str) -> dict:
+    train_cfg = train_config(args, name)
+    model_cfg, run_dir = train_cfg.model, Path(train_cfg.output_dir)
     t0 = time.time()
-    done = train_classifier(model_cfg, train_cfg, train_ds, val_ds, run_dir, stop_at=args.stop_at)["step"]
+    result = train(train_cfg)
     train_s = time.time() - t0
-    if done < args.steps:
-        return {"model": name, "paused_at": done}
+    if result["stopped"]:
+        return {"model": name, "paused_at": result["step"]}
     model, _, step = load_trained(run_dir)
-    val = evaluate(model, val_ds, args.eval_batch_size)
+    data = train_cfg.data
+    val = evaluate(model, load_task(data.task, data.path, "val", model_cfg.max_len, data.labels or None)[0],
+                   args.eval_batch_size)
+    test_ds = load_task(data.task, data.path, "test", model_cfg.max_len, data.labels or None)[0]
     test = evaluate(model, test_ds, args.eval_batch_size, progress=True)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    best_val = max((r["accuracy"] for r in history if r.get("split") == "val"), default=val["accuracy"])
+    best_val = max((r["eval"]["accuracy"] for r in history if r.get("eval")), default=val["accuracy"])
     at_best = {}
-    if (run_dir / BEST_DIR).is_dir():  # runs trained before best checkpoints were kept have none
+    if (run_dir / BEST_DIR).is_dir():  # kept at every validation (a run without a val split has none)
         best_model, _, best_step = load_trained(run_dir, best=True)
         at_best = {"best_val_step": best_step,
                    "test_accuracy_at_best_val": evaluate(best_model, test_ds, args.eval_batch_size)["accuracy"]}
     # wall time of the training call that reached the last logged step (the whole run unless it was resumed)
     train_elapsed = next((r["elapsed_s"] for r in reversed(history) if "elapsed_s" in r), None)
-    return {"model": name, "attention": attention, "sar_alpha": alpha, "step": step,
+    return {"model": name, "attention": model_cfg.attention, "sar_alpha": model_cfg.sar_alpha, "step": step,
             "val_accuracy": val["accuracy"], "best_val_accuracy": best_val, "test_accuracy": test["accuracy"],
             "test_count": test["count"], **at_best, "train_s_this_call": train_s,
             "train_elapsed_s_last_call": train_elapsed,
@@ -314,7 +322,8 @@ def main():
     p.add_argument("--preset", default=None, help="default: cpu-<task>")
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--stop-at", type=int, default=None, help="pause after this step; rerun to continue")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="pause each run after this much training time (0 = no limit); rerun to continue")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -347,7 +356,10 @@ def main():
     args.data = args.data or Path("outputs/lra") / args.task
     args.out = args.out or Path(f"outputs/sparse_lra_{args.task}.json")
     args.preset = args.preset or f"cpu-{args.task}"
-    ensure_data(args)
+    try:
+        ensure_data(data_config(args))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     baselines = {"dot_distance_baseline": dot_distance_baseline(args),
                  "outer_operator_baseline": outer_operator_baseline(args),
                  "root_digits_baseline": root_digits_baseline(args)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ernielab.core.config import Config
+from ernielab.core.config import Config, ConfigError, bounded
 
 ATTENTION_MODES = ("dense", "bigbird", "hst")
 POS_ENCODINGS = ("learned", "sincos-2d")
@@ -12,45 +12,45 @@ POS_ENCODINGS = ("learned", "sincos-2d")
 
 @dataclasses.dataclass
 class SparseClassifierConfig(Config):
-    vocab_size: int = 16
-    num_classes: int = 10
-    max_len: int = 2000
-    dim: int = 64
-    depth: int = 2
-    num_heads: int = 4
-    mlp_dim: int = 128
-    dropout: float = 0.0
+    vocab_size: int = bounded(16, ge=1)
+    num_classes: int = bounded(10, ge=1)
+    max_len: int = bounded(2000, ge=1)
+    dim: int = bounded(64, ge=1)
+    depth: int = bounded(2, ge=1)
+    num_heads: int = bounded(4, ge=1)
+    mlp_dim: int = bounded(128, ge=1)
+    dropout: float = bounded(0.0, ge=0, lt=1)
     qk_norm: bool = True
-    attention: str = "hst"  # "dense" | "bigbird" | "hst"
-    block_size: int = 64
-    window: int = 1  # neighbour blocks on each side of a query block
-    num_global: int = 8  # HST representative tokens / BigBird global tokens
-    num_random_blocks: int = 3  # BigBird only
-    sar_alpha: float = 0.0  # HST only: weight of the symmetric KL between sparse and dense topologies
+    attention: str = bounded("hst", choices=ATTENTION_MODES)
+    block_size: int = bounded(64, ge=1)
+    window: int = bounded(1, ge=0)  # neighbour blocks on each side of a query block
+    num_global: int = bounded(8, ge=0)  # HST representative tokens / BigBird global tokens
+    num_random_blocks: int = bounded(3, ge=0)  # BigBird only
+    sar_alpha: float = bounded(0.0, ge=0)  # HST only: weight of the symmetric KL between sparse and dense topologies
     # SAR variant: the dense run also gets the task loss (the two cross-entropies are averaged), so the
     # topology the sparse one is pulled towards is itself trained on the labels (R-Drop's form)
     sar_dense_ce: bool = False
-    seed: int = 0  # fixes BigBird's random block pattern
+    seed: int = 0  # fixes BigBird's random block pattern (the training seed is the training config's)
     # "learned": one trained vector per position. "sincos-2d": fixed sine/cosine codes of (row, column)
     # for row-major images `image_width` pixels wide, so every model starts knowing which pixels touch.
-    pos_encoding: str = "learned"
-    image_width: int = 0
+    pos_encoding: str = bounded("learned", choices=POS_ENCODINGS)
+    image_width: int = bounded(0, ge=0)
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.dim % self.num_heads:
+        # configs built in Python (presets, tests) are checked as strictly as loaded ones; a plain ValueError
+        # lets `from_dict` name the section (e.g. "model: attention: must be one of ...")
+        try:
+            self.validate()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    def check(self) -> None:
+        if self.num_heads >= 1 and self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by {self.num_heads} heads")
-        if min(self.vocab_size, self.num_classes, self.max_len, self.depth, self.block_size) < 1:
-            raise ValueError("vocab_size, num_classes, max_len, depth and block_size must be >= 1")
         if self.attention != "dense" and self.num_global < 1:
             raise ValueError(f"{self.attention} attention needs num_global >= 1")
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
         if self.pos_encoding == "sincos-2d" and (self.image_width < 1 or self.dim % 4):
             raise ValueError("pos_encoding 'sincos-2d' needs image_width >= 1 and dim divisible by 4")
-        if self.sar_alpha < 0:
-            raise ValueError(f"sar_alpha must be >= 0, got {self.sar_alpha}")
         if self.sar_alpha > 0 and self.attention != "hst":
             raise ValueError("SAR (sar_alpha > 0) regularises the HST topology; set attention='hst'")
         if self.sar_dense_ce and self.sar_alpha <= 0:

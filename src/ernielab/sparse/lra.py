@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ernielab.core.config import Config
+from ernielab.core.config import Config, bounded
 
 PAD_ID = 0
 
@@ -502,3 +502,59 @@ def split_exists(task: str, data: str | Path, split: str) -> bool:
     names = {"listops": LISTOPS_FILES, "text": TEXT_FILES,
              "pathfinder": {s: f"pathfinder_{s}.npz" for s in SPLITS}}[task]
     return (data / names[split]).is_file()
+
+
+# ---- the data section of a training config ---------------------------------------------------------
+@dataclasses.dataclass
+class SparseDataConfig(Config):
+    """Which data a run trains on: the task, its folder, and (for the generated tasks) how the data was made.
+
+    With a `listops` / `pathfinder` spec, missing data is generated into `path` with `seed` before training,
+    and data already there must have been made with the same spec (its `<task>_spec.json`); without one the
+    folder's files are used as they are.
+    """
+
+    task: str = bounded("listops", choices=TASKS)
+    path: str = "data/listops"  # folder of split files (ListOps basic_*.tsv, pathfinder_*.npz, text *.tsv)
+    listops: ListOpsSpec | None = None
+    pathfinder: PathfinderSpec | None = None
+    seed: int = 0  # the generator's seed (the training seed is the training config's `seed`)
+    # text: the class names in id order; empty = the training split's labels, sorted (filled in when a run
+    # starts, so the run's saved config says what each class id means)
+    labels: list[str] = dataclasses.field(default_factory=list)
+
+    def check(self) -> None:
+        if not self.path:
+            raise ValueError("path: the data folder is required")
+        for name in ("listops", "pathfinder"):
+            if getattr(self, name) is not None and self.task != name:
+                raise ValueError(f"a {name} generator spec does not fit task {self.task!r}")
+        if self.labels and self.task != "text":
+            raise ValueError("labels name the classes of text data; listops and pathfinder have fixed classes")
+
+    @property
+    def spec(self) -> ListOpsSpec | PathfinderSpec | None:
+        return self.listops if self.task == "listops" else self.pathfinder if self.task == "pathfinder" else None
+
+
+def ensure_data(data: SparseDataConfig, progress: bool = True) -> bool:
+    """Generate the data of `data` when its training split is missing and a generator spec is given (-> True);
+    refuse data made with another spec, so a run never trains on another variant than its config states."""
+    spec = data.spec
+    if split_exists(data.task, data.path, "train"):
+        saved = Path(data.path) / f"{data.task}_spec.json"
+        if spec is not None and saved.is_file():
+            wanted = {"seed": data.seed, **spec.to_dict()}
+            found = {**wanted, **json.loads(saved.read_text())}  # fields added later keep their defaults
+            changed = sorted(k for k in wanted if wanted[k] != found[k])
+            if changed:
+                raise ValueError(f"{data.path} was generated with other settings ({', '.join(changed)}) than the "
+                                 f"config's data.{data.task}; use another data.path")
+        return False
+    if spec is None:
+        raise FileNotFoundError(f"no {data.task} training split in {data.path} (generate it with `ernielab sparse "
+                                f"gen-{data.task}`, or give the config a data.{data.task} spec to generate it)"
+                                if data.task != "text" else f"no training split {data.path}/train.tsv")
+    write = write_listops if data.task == "listops" else write_pathfinder
+    write(data.path, spec, seed=data.seed, progress=progress)
+    return True

@@ -90,6 +90,14 @@ class SparseClassifier(nn.Module):
         for p in (self.token_emb.weight, *learned, self.prefix):
             nn.init.normal_(p, std=0.02)
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay the matrices only; norms, biases, the position table and the prefix tokens
+        are left alone."""
+        decay, rest = [], []
+        for name, p in self.named_parameters():
+            (decay if p.ndim >= 2 and name not in ("pos_emb", "prefix") else rest).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None, topology: str = "sparse"):
         """tokens [B, S] int (PAD_ID = padding), valid [B, S] bool (default tokens != PAD_ID) -> logits [B, C]."""
         cfg = self.cfg

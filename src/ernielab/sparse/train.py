@@ -1,60 +1,62 @@
-"""Training and evaluation loop for the long-sequence classifiers (dense / BigBird / HST / HST+SAR).
+"""Training and evaluation of the long-sequence classifiers (dense / BigBird / HST / HST+SAR), run by the core engine.
 
-Plain PyTorch on one process: these models are small and CPU-bound, so accelerate would only add
-start-up cost. Determinism: the batch of step k is a function of (seed, k) (see BatchPlan), dropout is
-re-seeded from (seed, step), so a resumed run reproduces an uninterrupted one bit for bit.
-Checkpoints reuse `training.checkpoint` (weights as safetensors, written atomically).
+`SparseTask` gives the engine the classifier, the batch of a step and the (SAR) loss; the engine owns the loop,
+optimizer, schedule, logging, checkpoints and resume. Determinism: the batch of step k is a function of
+(seed, k) (`BatchPlan`) and dropout is re-seeded from (seed, k), so a resumed run reproduces an uninterrupted one
+bit for bit, and a run reproduces the hand-written loop this replaced (same initial weights, batches, dropout
+masks, optimizer and schedule).
+
+A run folder holds the engine's `train_config.json`, `metrics.jsonl` and `checkpoints/step-*/`, plus:
+- `best/`: the model of the highest validation accuracy so far (`config.json`, `model.safetensors` and
+  `best.json` with its step and accuracy; the earliest step wins a tie; it survives a resume);
+- `model/`: the model at the end of the budget (same layout), written when the run finishes;
+- `results.json`: the final validation and test metrics.
 """
 from __future__ import annotations
 
 import dataclasses
-import time
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ernielab.core.config import Config
-from ernielab.core.metrics import MetricsLog
-from ernielab.core.schedules import lr_factor
+from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint, remove_tree
+from ernielab.core.config import bounded
+from ernielab.core.engine import Engine, EngineSettings, Task
+from ernielab.core.persistence import CONFIG_NAME, WEIGHTS_NAME, load_checked, save_model_folder
 from ernielab.core.seeding import derive_seed, generator
 from ernielab.sparse.config import SparseClassifierConfig
-from ernielab.sparse.lra import SequenceDataset, collate_sequences
+from ernielab.sparse.lra import SequenceDataset, SparseDataConfig, collate_sequences, ensure_data, load_task, split_exists
 from ernielab.sparse.model import SparseClassifier
 from ernielab.sparse.sar import classification_loss
 
-BEST_DIR = "best"  # run_dir/best: the checkpoint of the highest validation accuracy so far
-
-# fields that may change between a run and its resumption without changing what is learned so far
-RESUME_FREE_FIELDS = ("steps", "eval_every", "eval_batch_size", "eval_max_batches", "log_every", "save_every",
-                      "keep_checkpoints")
+BEST_DIR = "best"  # output_dir/best: the model of the highest validation accuracy so far
+BEST_FILE = "best.json"
+EXPORT_DIR = "model"  # output_dir/model: the model at the end of the budget
+RESULTS_FILE = "results.json"
 
 
 @dataclasses.dataclass
-class SparseTrainConfig(Config):
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"  # "cosine" | "constant"
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 200
-    eval_batch_size: int = 64
-    eval_max_batches: int = 0  # 0 = the whole validation split
-    log_every: int = 20
-    save_every: int = 200
-    keep_checkpoints: int = 1
+class SparseTrainConfig(EngineSettings):
+    """What a run learns from (data), what it trains (model) and how (the engine's fields, with this family's
+    defaults). `output_dir` may contain `{seed}`, replaced by the training seed: one config serves every seed."""
 
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+    model: SparseClassifierConfig = dataclasses.field(default_factory=SparseClassifierConfig)
+    data: SparseDataConfig = dataclasses.field(default_factory=SparseDataConfig)
+    output_dir: str = "runs/sparse"
+    lr: float = bounded(1e-3, gt=0)
+    weight_decay: float = bounded(0.01, ge=0)
+    lr_schedule: str = bounded("cosine", choices=("constant", "cosine"))
+    eval_every: int = bounded(200, ge=0)  # validation accuracy (and the best model) every this many steps
+    save_every: int = bounded(200, ge=1)
+    keep_checkpoints: int = bounded(1, ge=1)
+    eval_batch_size: int = bounded(64, ge=1)
+    eval_max_batches: int = bounded(0, ge=0)  # 0 = the whole validation split
 
 
 class BatchPlan:
@@ -103,13 +105,14 @@ def evaluate(model: SparseClassifier, ds: SequenceDataset, batch_size: int = 64,
     (outputs do not depend on padding: every topology masks it)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     order = sorted(range(len(ds)), key=lambda i: len(ds.sequences[i]))
     chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     if max_batches > 0:
         chunks = chunks[:max_batches]
     correct, loss_sum, count = 0, 0.0, 0
     for chunk in tqdm(chunks, desc="eval", disable=not progress, leave=False):
-        tokens, labels = collate_sequences([ds[i] for i in chunk])
+        tokens, labels = (t.to(device) for t in collate_sequences([ds[i] for i in chunk]))
         logits = model(tokens, topology=topology).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
@@ -118,153 +121,147 @@ def evaluate(model: SparseClassifier, ds: SequenceDataset, batch_size: int = 64,
     return {"accuracy": correct / max(1, count), "loss": loss_sum / max(1, count), "count": count}
 
 
-def build_model(model_cfg: SparseClassifierConfig, seed: int) -> SparseClassifier:
-    torch.manual_seed(derive_seed("init", seed))
-    return SparseClassifier(model_cfg)
+def save_model(model: torch.nn.Module, cfg: SparseClassifierConfig, path: Path, info: dict | None = None) -> Path:
+    """A model folder (config.json + model.safetensors [+ best.json]), written beside and renamed into place."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(model, cfg, tmp)
+    if info is not None:
+        (tmp / BEST_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    remove_tree(path)
+    tmp.rename(path)
+    return path
 
 
-def saved_model_config(saved: dict | None) -> dict | None:
-    """A checkpoint's model config with fields added since it was written set to their defaults,
-    so runs saved by older versions still resume (the defaults reproduce their behaviour)."""
-    if saved is None:
-        return None
-    try:
-        return SparseClassifierConfig.from_dict(saved).to_dict()
-    except (TypeError, ValueError):
-        return saved
+class SparseTask(Task):
+    """Classification of token sequences, with SAR when the model's `sar_alpha` > 0."""
+
+    resumable_changes = frozenset({"eval_batch_size", "eval_max_batches"})  # how evaluation is batched
+
+    def __init__(self, config: SparseTrainConfig, progress: bool = True):
+        """Checks the config and the data before anything is written to the run folder (missing generated data
+        is made first, in the data folder)."""
+        config.validate()
+        data, model_cfg = config.data, config.model
+        ensure_data(data, progress)
+        self.train_ds, labels = load_task(data.task, data.path, "train", model_cfg.max_len, data.labels or None)
+        if labels is not None and list(labels) != data.labels:  # text: the run's config names its classes
+            config = config.replace(data=data.replace(labels=list(labels)))
+        check_compatible(model_cfg, self.train_ds, "training")
+        self.val_ds = None
+        if split_exists(data.task, data.path, "val"):
+            self.val_ds = load_task(data.task, data.path, "val", model_cfg.max_len, labels)[0]
+            check_compatible(model_cfg, self.val_ds, "validation")
+        if len(self.train_ds) < config.batch_size:
+            raise ValueError(f"training split has {len(self.train_ds)} examples, fewer than batch_size "
+                             f"{config.batch_size}")
+        self.config = config
+        self.plan = BatchPlan([len(seq) for seq in self.train_ds.sequences], config.batch_size, config.seed)
+        self.best_accuracy, self.best_step = -1.0, 0
+        self.shipped: SparseClassifier | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    def build(self) -> dict[str, torch.nn.Module]:
+        if not self.config.resume and self.engine.accelerator.is_main_process:
+            remove_tree(self.run_dir / BEST_DIR)  # a fresh start: the old run's best model goes with its checkpoints
+        torch.manual_seed(derive_seed("init", self.config.seed))
+        return {"model": SparseClassifier(self.config.model).to(self.engine.device)}
+
+    def batch(self, step: int, micro: int) -> dict[str, Any]:
+        acc = self.engine.accelerator
+        k = (step * self.config.grad_accum + micro) * acc.num_processes + acc.process_index  # = step on one process
+        tokens, labels = collate_sequences([self.train_ds[i] for i in self.plan(k)])
+        return {"tokens": tokens.to(acc.device), "labels": labels.to(acc.device), "k": k}
+
+    def loss(self, model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        torch.manual_seed(derive_seed("dropout", self.config.seed, batch["k"]))
+        return classification_loss(model, batch["tokens"], batch["labels"], self.config.model.sar_alpha,
+                                   self.config.model.sar_dense_ce)
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Validation accuracy; a new best (strictly higher: the earliest step wins a tie) is saved to best/."""
+        if self.val_ds is None:
+            return {}
+        cfg, acc = self.config, self.engine.accelerator
+        metrics = evaluate(model, self.val_ds, cfg.eval_batch_size, max_batches=cfg.eval_max_batches)
+        if metrics["accuracy"] > self.best_accuracy:
+            self.best_accuracy, self.best_step = metrics["accuracy"], step
+            if acc.is_main_process:
+                save_model(acc.unwrap_model(model), cfg.model, self.run_dir / BEST_DIR,
+                           {"step": step, "val_accuracy": metrics["accuracy"]})
+        return metrics
+
+    def state(self) -> dict[str, Any]:
+        return {"best_accuracy": self.best_accuracy, "best_step": self.best_step}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.best_accuracy = float(state.get("best_accuracy", -1.0))
+        self.best_step = int(state.get("best_step", 0))
+
+    def export(self, model: torch.nn.Module, run_dir: Path) -> Path:
+        self.shipped = model
+        return save_model(model, self.config.model, run_dir / EXPORT_DIR)
 
 
-def restore(run_dir: Path, model, optimizer, scheduler, model_cfg, train_cfg) -> int:
-    """Load the latest checkpoint of run_dir if there is one; refuse one trained with other settings."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        return 0
-    ckpt = load_checkpoint(path)
-    saved = ckpt["config"]
-    if saved_model_config(saved.get("model")) != model_cfg.to_dict():
-        raise ValueError(f"checkpoint {path} was trained with a different model config; "
-                         f"train into another run directory")
-    ours = {k: v for k, v in train_cfg.to_dict().items() if k not in RESUME_FREE_FIELDS}
-    theirs = {k: v for k, v in saved.get("train", {}).items() if k not in RESUME_FREE_FIELDS}
-    if ours != theirs:
-        changed = sorted(k for k in ours if ours.get(k) != theirs.get(k))
-        raise ValueError(f"checkpoint {path} was trained with different training settings {changed}; "
-                         f"train into another run directory")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optim"]["optimizer"])
-    scheduler.load_state_dict(ckpt["optim"]["scheduler"])
-    return ckpt["step"]
+def resolve_output_dir(config: SparseTrainConfig) -> SparseTrainConfig:
+    """`{seed}` in output_dir -> the training seed."""
+    if "{seed}" in config.output_dir:
+        return config.replace(output_dir=config.output_dir.replace("{seed}", str(config.seed)))
+    return config
 
 
-def best_val_accuracy(run_dir: Path) -> float:
-    """Validation accuracy of the run's best checkpoint so far (-1 when none was kept yet)."""
-    path = latest_checkpoint(run_dir / BEST_DIR)
-    return load_checkpoint(path)["config"]["val_accuracy"] if path else -1.0
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; norms, biases, embeddings' position table and prefix tokens are left alone."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in ("pos_emb", "prefix")]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in ("pos_emb", "prefix"))]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def train_classifier(
-    model_cfg: SparseClassifierConfig,
-    train_cfg: SparseTrainConfig,
-    train_ds: SequenceDataset,
-    val_ds: SequenceDataset | None,
-    run_dir: str | Path,
-    resume: bool = True,
-    progress: bool = True,
-    stop_at: int | None = None,
-) -> dict[str, Any]:
-    """Train (resuming from run_dir's latest checkpoint when asked); returns the last metrics.
-
-    stop_at: leave after this step with a checkpoint (the schedule still spans train_cfg.steps), so a
-    long run can be split across calls that each resume where the previous one stopped.
-    """
-    run_dir = Path(run_dir)
-    check_compatible(model_cfg, train_ds, "training")
-    if val_ds is not None:
-        check_compatible(model_cfg, val_ds, "validation")
-    if len(train_ds) < train_cfg.batch_size:
-        raise ValueError(f"training split has {len(train_ds)} examples, fewer than batch_size {train_cfg.batch_size}")
-    model = build_model(model_cfg, train_cfg.seed)
-    optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, train_cfg.steps, train_cfg.warmup_steps, train_cfg.lr_schedule))
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints; resume, or train into a new run directory")
-    start = restore(run_dir, model, optimizer, scheduler, model_cfg, train_cfg) if resume else 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg.save(run_dir / "model_config.json")
-    train_cfg.save(run_dir / "train_config.json")
-    log = MetricsLog(run_dir / "metrics.jsonl", start if resume else -1)
-    if start and progress:
-        tqdm.write(f"resumed {run_dir} at step {start}")
-
-    plan = BatchPlan([len(seq) for seq in train_ds.sequences], train_cfg.batch_size, train_cfg.seed)
-    best_val = best_val_accuracy(run_dir)
-    model.train()
-    t0, window = time.time(), []
-    result: dict[str, Any] = {"step": start}
-    bar = tqdm(total=train_cfg.steps, initial=start, desc=f"train {model_cfg.attention}", disable=not progress)
-    last = train_cfg.steps if stop_at is None else max(start, min(stop_at, train_cfg.steps))
-    for step in range(start, last):
-        idx = plan(step)
-        tokens, labels = collate_sequences([train_ds[i] for i in idx])
-        torch.manual_seed(derive_seed("dropout", train_cfg.seed, step))
-        loss, parts = classification_loss(model, tokens, labels, model_cfg.sar_alpha, model_cfg.sar_dense_ce)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        window.append({"loss": loss.item(), **parts})
-        done = step + 1
-        bar.update(1)
-        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            record = {k: sum(w.get(k, 0.0) for w in window) / len(window) for k in window[-1]}
-            record = {"step": done, **record, "lr": scheduler.get_last_lr()[0], "elapsed_s": time.time() - t0}
-            log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-            window = []
-        if val_ds is not None and (done % train_cfg.eval_every == 0 or done == train_cfg.steps):
-            metrics = evaluate(model, val_ds, train_cfg.eval_batch_size, max_batches=train_cfg.eval_max_batches)
-            log.write({"step": done, "split": "val", **metrics})
-            result["val"] = metrics
-            if metrics["accuracy"] > best_val:  # the earliest step wins a tie
-                best_val = metrics["accuracy"]
-                save_checkpoint(run_dir / BEST_DIR, done, model.state_dict(), None, optimizer, scheduler,
-                                {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-                                 "val_accuracy": best_val}, keep=1)
-        if done % train_cfg.save_every == 0 or done in (train_cfg.steps, last):
-            save_checkpoint(run_dir, done, model.state_dict(), None, optimizer, scheduler,
-                            {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
-                            keep=train_cfg.keep_checkpoints)
-        result["step"] = done
-    bar.close()
-    result["elapsed_s"] = time.time() - t0
+def train(config: SparseTrainConfig, progress: bool = True, accelerator=None) -> dict[str, Any]:
+    """Train through the engine (resuming from output_dir's latest checkpoint); when the run finishes, evaluate
+    the final model on the test split (if the data has one) and write results.json. Returns the engine's result
+    plus "val" (final validation metrics), "best_val" and "test"."""
+    task = SparseTask(resolve_output_dir(config), progress)
+    result = Engine(task, accelerator).fit()
+    if result["stopped"] is not None or task.shipped is None:  # out of time (or not the main process)
+        return result
+    cfg, data = task.config, task.config.data
+    result["val"] = result.pop("eval", {})
+    if task.val_ds is not None:
+        result["best_val"] = {"step": task.best_step, "accuracy": task.best_accuracy}
+    if split_exists(data.task, data.path, "test"):
+        test_ds = load_task(data.task, data.path, "test", cfg.model.max_len, data.labels or None)[0]
+        check_compatible(cfg.model, test_ds, "test")
+        result["test"] = evaluate(task.shipped, test_ds, cfg.eval_batch_size, progress=progress)
+    (task.run_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def load_trained(run_dir: str | Path, best: bool = False) -> tuple[SparseClassifier, SparseClassifierConfig, int]:
-    """(model in eval mode, its config, step) from the latest checkpoint of a run directory, or with
-    best=True from the checkpoint of its highest validation accuracy."""
-    run_dir = Path(run_dir)
-    path = latest_checkpoint(run_dir / BEST_DIR if best else run_dir)
-    if path is None:
-        what = "best-validation checkpoint" if best else "checkpoint"
-        raise FileNotFoundError(f"no {what} under {run_dir} (train first, or check the path)")
-    ckpt = load_checkpoint(path)
-    if "model" not in ckpt["config"]:
-        raise ValueError(f"{path} is not a sparse-classifier checkpoint (no model config saved)")
-    cfg = SparseClassifierConfig.from_dict(ckpt["config"]["model"])
+def load_model_folder(path: Path) -> tuple[SparseClassifier, SparseClassifierConfig]:
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{path} is not a sparse-classifier folder ({CONFIG_NAME} / {WEIGHTS_NAME} missing)")
+    cfg = SparseClassifierConfig.load(path / CONFIG_NAME, strict=False)
     model = SparseClassifier(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the saved config: {e}") from None
+    load_checked(model, load_file(str(path / WEIGHTS_NAME)), f"sparse classifier ({path})")
+    return model.eval(), cfg
+
+
+def load_trained(run_dir: str | Path, best: bool = False) -> tuple[SparseClassifier, SparseClassifierConfig, int]:
+    """(model in eval mode, its config, step) from the latest checkpoint of a run folder (its EMA weights when
+    the run keeps one), or with best=True from the model of its highest validation accuracy (best/)."""
+    run_dir = Path(run_dir)
+    if best:
+        folder = run_dir / BEST_DIR
+        if not (folder / BEST_FILE).is_file():
+            raise FileNotFoundError(f"no best-validation model under {run_dir} (it is saved at each validation; "
+                                    f"train with a val split, or check the path)")
+        model, cfg = load_model_folder(folder)
+        return model, cfg, int(json.loads((folder / BEST_FILE).read_text())["step"])
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint under {run_dir} (train first, or check the path)")
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"].get("model")
+    if not isinstance(saved, dict) or "attention" not in saved:
+        raise ValueError(f"{path} is not a sparse-classifier checkpoint (no model config saved)")
+    cfg = SparseClassifierConfig.from_dict(saved, strict=False)  # fields added since then take their defaults
+    model = SparseClassifier(cfg)
+    state = ckpt["modules"].get("ema") or ckpt["modules"]["model"]
+    load_checked(model, state, f"sparse classifier ({path})")
     return model.eval(), cfg, ckpt["step"]
