@@ -69,6 +69,8 @@ def inputs(tmp_path_factory, tiny_pipeline_dir) -> Path:
         shutil.copytree(tiny_pipeline_dir, folder)
         weights = folder / "transformer" / "model.safetensors"
         weights.write_bytes(damage(weights.read_bytes()))
+    if not (root.parent / "tiny_pipe").exists():
+        shutil.copytree(tiny_pipeline_dir, root.parent / "tiny_pipe")
     folder = root / "list_pipeline"
     shutil.copytree(tiny_pipeline_dir, folder)
     (folder / "pipeline.json").write_text("[]")
@@ -152,7 +154,51 @@ def train_cases() -> dict[str, list[str]]:
     return cases
 
 
-CASES = {**generate_cases(), **image_cases(), **train_cases()}
+def family_cases() -> dict[str, list[str]]:
+    """The families' other commands: evaluation, data, pair making, scoring, rewriting."""
+    pairs = ["dpo", "make-pairs", "--out", "pairs", "--model", "{inputs}/../tiny_pipe", "--n", "1"]
+    return {
+        "sparse_eval_missing_run": ["sparse", "eval", "{inputs}/nope"],
+        "sparse_eval_not_a_run": ["sparse", "eval", "{inputs}/empty_run"],
+        "sparse_eval_file_missing": ["sparse", "eval", "{inputs}/empty_run", "--file", "{inputs}/nope.tsv"],
+        "sparse_gen_listops_out_in_the_way": ["sparse", "gen-listops", "{inputs}/a_file.txt/data", "--num-train", "2"],
+        "sparse_gen_listops_negative": ["sparse", "gen-listops", "listops", "--num-train", "-1"],
+        "unified_eval_missing_model": ["unified", "eval", "{inputs}/nope"],
+        "unified_eval_not_a_model": ["unified", "eval", "{inputs}/empty_run"],
+        "unified_generate_missing_model": ["unified", "generate-image", "{inputs}/nope", "a red circle"],
+        "unified_caption_missing_model": ["unified", "caption", "{inputs}/nope", "{inputs}/a_file.txt"],
+        "unified_vq_missing": ["unified", "vq", "{inputs}/nope.json"],
+        "unified_vq_batch_zero": ["unified", "vq", str(REPO / "configs/unified/vq_tiny.json"), "--set", "batch_size=0"],
+        "unified_vq_lr_text": ["unified", "vq", str(REPO / "configs/unified/vq_tiny.json"), "--set", "lr=abc"],
+        "vilg_stage2_missing": ["vilg", "stage2", "{inputs}/nope.json"],
+        "vilg_stage2_bad_experts": ["vilg", "stage2", str(REPO / "configs/vilg/stage2.json"), "--set", "experts=0"],
+        "vilg_stage2_no_stage1": ["vilg", "stage2", str(REPO / "configs/vilg/stage2.json"), "--set",
+                                  "stage1={inputs}/empty_run"],
+        "dpo_pairs_n_zero": [*pairs[:-1], "0"],
+        "dpo_pairs_unknown_kind": [*pairs, "--kinds", "colour"],
+        "dpo_pairs_unknown_judge": [*pairs, "--judge", "oracle"],
+        "dpo_pairs_judge_not_importable": [*pairs, "--judge", "no_such_module:judge"],
+        "dpo_pairs_candidates_one": [*pairs, "-k", "1"],
+        "dpo_pairs_out_in_the_way": ["dpo", "make-pairs", "--out", "{inputs}/a_file.txt", "--n", "1"],
+        "dpo_pairs_model_corrupt": ["dpo", "make-pairs", "--out", "pairs", "--model", "{inputs}/corrupt_pipeline"],
+        "dpo_pairs_steps_zero": [*pairs, "--steps", "0"],
+        "aesthetic_eval_missing_bench": ["aesthetic", "eval", "{inputs}/nope"],
+        "aesthetic_eval_not_a_bench": ["aesthetic", "eval", "{inputs}/empty_run"],
+        "aesthetic_eval_bad_model": ["aesthetic", "eval", "{inputs}/empty_run", "--model", "{inputs}/empty_run"],
+        "aesthetic_bench_n_zero": ["aesthetic", "benchmark", "bench", "--n-train", "0"],
+        "aesthetic_bench_out_in_the_way": ["aesthetic", "benchmark", "{inputs}/a_file.txt", "--n-train", "4"],
+        "aesthetic_bench_bad_set": ["aesthetic", "benchmark", "bench", "--set", "no_such_field=1"],
+        "aesthetic_score_missing_image": ["aesthetic", "score", "{inputs}/nope.png"],
+        "aesthetic_score_not_an_image": ["aesthetic", "score", "{inputs}/a_file.txt"],
+        "enhance_empty_prompt": ["enhance", ""],
+        "enhance_missing_model": ["enhance", "a red circle", "--model", "{inputs}/nope"],
+        "enhance_top_p_out_of_range": ["enhance", "a red circle", "--top-p", "2"],
+        "enhance_temperature_negative": ["enhance", "a red circle", "--temperature", "-1"],
+        "enhance_prompt_file_missing": ["enhance", "--prompts", "{inputs}/nope.txt"],
+    }
+
+
+CASES = {**generate_cases(), **image_cases(), **train_cases(), **family_cases()}
 
 
 def snapshot(*roots: Path) -> dict[str, float]:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ernielab.core.cli import UserError, add_train_command, set_threads, user_errors
+from ernielab.core.cli import UserError, add_train_command, check_output_dir, set_threads, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Diffusion-DPO preference alignment: make-pairs, train.")
@@ -55,7 +55,9 @@ def make_pairs_cmd(out: Path = typer.Option(..., "--out", help="folder for image
     set_threads(threads)
     texts = pair_prompts(prompts, kinds, n, prompt_seed)
     judge_fn = load_judge(judge)
+    check_output_dir(out, "--out")
     pipe = TextToImagePipeline.from_pretrained(model)
+    pipe.check_arguments(texts, num_inference_steps=steps, guidance_scale=guidance, shift=shift, seed=seed)
     summary = make_pairs(pipe, texts, out, judge_fn, candidates=candidates, seed=seed,
                          num_inference_steps=steps, guidance_scale=guidance, shift=shift)
     typer.echo(json.dumps(summary, indent=2))
