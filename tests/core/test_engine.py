@@ -41,7 +41,7 @@ class ToyTask(Task):
         loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
         return loss, {"mse": loss.item()}
 
-    def after_step(self, model, batch, step):
+    def after_step(self, model, step):
         if step == self.interrupt_at:  # a crash after the checkpoint of step `interrupt_at`
             raise Crash
         x = torch.randn(8, 4, generator=generator("aux", self.config.seed, step))

@@ -115,7 +115,7 @@ class CrashingTask(SparseTask):
         super().__init__(config, progress=False)
         self.at = at
 
-    def after_step(self, model, batch, step):
+    def after_step(self, model, step):
         if step == self.at:
             raise Crash
         return {}

@@ -120,8 +120,9 @@ class Task:
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def after_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, float]:
-        """After each optimizer step (e.g. DMD's fake-score updates, an MoE router's bias); returns logs."""
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        """After optimizer step `step` (e.g. DMD's fake-score updates, an MoE router's bias); returns logs. What it
+        needs of the step's batch, the task keeps from `loss`."""
         return {}
 
     def state(self) -> dict[str, Any]:
@@ -169,6 +170,7 @@ class Engine:
         self.run_dir = Path(self.config.output_dir)
         self.accelerator = accelerator
         self.branched: dict | None = None  # set when the run starts from another run's checkpoint
+        self.metrics: MetricsLog | None = None  # the main process's metrics.jsonl
         task.engine = self
 
     @property
@@ -201,47 +203,53 @@ class Engine:
         cfg, task, acc = self.config, self.task, self.accelerator
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         modules = task.build()
-        model = modules["model"]
-        ema = task.make_ema(model) if cfg.ema_decay > 0 else None
-        opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ema = task.make_ema(modules["model"]) if cfg.ema_decay > 0 else None
+        opt = torch.optim.AdamW(task.param_groups(modules["model"]), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
         checkpoint = self.checkpoint_to_resume()
-        step = self.restore(checkpoint, modules, ema, opt, sched) if checkpoint else 0
-        if not checkpoint:
+        if checkpoint:
+            step = self.restore(checkpoint, modules, ema, opt, sched)
+        else:
+            step = 0
             task.init_optimizer(opt)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "train_config.json")
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", step) if acc.is_main_process else None
-        if metrics and self.branched:
-            metrics.write(self.branched)
-        wrapped, opt = acc.prepare(model, opt)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", step) if acc.is_main_process else None
+        if self.branched:
+            self.log(self.branched)
+        wrapped, opt = acc.prepare(modules["model"], opt)
+        t0 = time.time()
+        step, stopped = self.loop(wrapped, opt, sched, modules, ema, step, t0)
+        return self.finish(acc.unwrap_model(wrapped), ema, step, stopped, t0)
+
+    def loop(self, model: nn.Module, opt, sched, modules: dict[str, nn.Module], ema: EMA | None, step: int,
+             t0: float) -> tuple[int, str | None]:
+        """Optimizer steps until `steps` or the time limit; -> (last step, why it stopped early or None)."""
+        cfg, acc = self.config, self.accelerator
         bar = tqdm(total=cfg.steps, initial=step, disable=not acc.is_local_main_process, desc="train")
-        t0 = last_log = time.time()
         window: list[dict[str, float]] = []
-        samples, stopped = 0, None
-        wrapped.train()
+        samples, last_log, stopped = 0, time.time(), None
+        model.train()
         while step < cfg.steps:
-            logs = self.optimizer_step(wrapped, opt, step)
+            logs = self.optimizer_step(model, opt, step)
             samples += logs.pop("_samples", 0) * acc.num_processes
             step += 1
             sched.step()
             if ema is not None:
-                ema.update(acc.unwrap_model(wrapped), step)
-            logs.update(task.after_step(wrapped, None, step - 1))
+                ema.update(acc.unwrap_model(model), step)
+            logs.update(self.task.after_step(model, step - 1))
             window.append(logs)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                record = self.reduce_logs(window)
-                record.update(step=step, lr=sched.get_last_lr()[0], samples_per_s=samples / (time.time() - last_log),
-                              elapsed_s=time.time() - t0)
-                if metrics:
-                    metrics.write(record)
+                record = {**self.reduce_logs(window), "step": step, "lr": sched.get_last_lr()[0],
+                          "samples_per_s": samples / (time.time() - last_log), "elapsed_s": time.time() - t0}
+                self.log(record)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "samples_per_s")})
                 window, samples, last_log = [], 0, time.time()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                self.log_eval(metrics, wrapped, step)
+                self.log_eval(model, step)
             out_of_time = self.out_of_time(t0)
             if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
                 self.save(step, modules, ema, opt, sched)
@@ -249,23 +257,29 @@ class Engine:
                 stopped = f"time limit of {cfg.max_minutes} min reached at step {step} of {cfg.steps}"
                 break
         bar.close()
-        model = acc.unwrap_model(wrapped)
+        return step, stopped
+
+    def finish(self, model: nn.Module, ema: EMA | None, step: int, stopped: str | None, t0: float) -> dict:
+        """Replica check; a finished run evaluates and exports what it ships, a stopped one nothing."""
+        acc = self.accelerator
         in_sync = self.replicas_in_sync(model)
-        if metrics:
-            metrics.write({"step": step, "done": stopped is None, "world_size": acc.num_processes,
-                           "replicas_in_sync": in_sync, **({"stopped": stopped} if stopped else {})})
+        self.log({"step": step, "done": stopped is None, "world_size": acc.num_processes, "replicas_in_sync": in_sync,
+                  **({"stopped": stopped} if stopped else {})})
         if not in_sync:
             raise RuntimeError("model replicas diverged across processes (gradients were not synchronised)")
         result = {"step": step, "elapsed_s": time.time() - t0, "stopped": stopped, "exported": None}
         if stopped is None:
             shipped = self.shipped_model(model, ema)
-            final_eval = self.log_eval(metrics, shipped, step)
+            result["eval"] = self.log_eval(shipped, step)
             if acc.is_main_process:
-                exported = task.export(shipped, self.run_dir)
+                exported = self.task.export(shipped, self.run_dir)
                 result["exported"] = str(exported) if exported else None
-            result["eval"] = final_eval
         acc.wait_for_everyone()
         return result
+
+    def log(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
 
     def optimizer_step(self, model: nn.Module, opt, step: int) -> dict[str, float]:
         """grad_accum micro-batches, clipped, one optimizer step; -> the micro-batches' mean logs."""
@@ -294,13 +308,13 @@ class Engine:
         means = self.accelerator.reduce(local, "mean") if self.accelerator.num_processes > 1 else local
         return {k: float(v) for k, v in zip(keys, means.tolist())}
 
-    def log_eval(self, metrics: MetricsLog | None, model: nn.Module, step: int) -> dict[str, float]:
+    def log_eval(self, model: nn.Module, step: int) -> dict[str, float]:
         model.eval()
         with torch.no_grad():
             result = self.task.evaluate(model, step)
         model.train()
-        if result and metrics:
-            metrics.write({"step": step, "eval": result})
+        if result:
+            self.log({"step": step, "eval": result})
         return result
 
     def out_of_time(self, t0: float) -> bool:

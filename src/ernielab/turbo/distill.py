@@ -249,7 +249,7 @@ class DistillTrainer(Trainer):
         return loss, {"loss_dmd": loss_dmd.item(), "loss_reg": loss_reg.item(), **gan, **final,
                       "student_k": info["student_k"]}
 
-    def after_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, float]:
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
         """The fake score (and GAN head) catch up on this step's student samples."""
         pending, self.pending = self.pending, None
         real = None

@@ -344,7 +344,7 @@ class UnifiedTask(Task):
                 self.meter.add(net, b, sub.layers)
         return loss, {**parts, **submodel_logs(sub, cfg.model)}
 
-    def after_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, float]:
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
         """Auxiliary-loss-free balancing: each router's bias moves toward equal load (experts masked this step
         are left alone); on logging steps, the expert load per modality since the last one."""
         sub = self.submodel(step)
