@@ -43,6 +43,14 @@ class EnhancerConfig(Config):
     max_new_tokens: int = 256
     # The release's template ends the user block with its own answer cue; chat models need the cue added.
     add_generation_prompt: bool = True
+    # Tokenise the templated text with the tokenizer's special tokens (the release adds BOS this way).
+    add_special_tokens: bool = False
+
+    @classmethod
+    def release(cls) -> "EnhancerConfig":
+        """Exactly the formatting of diffusers' ErnieImagePipeline for the release's pe/: no system message,
+        no generation prompt, BOS added by the tokenizer; temperature 0.6, top-p 0.95."""
+        return cls(system_prompt=None, add_generation_prompt=False, add_special_tokens=True)
 
 
 def fallback_chat_text(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
@@ -100,6 +108,11 @@ class PromptEnhancer:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=cue)
         return fallback_chat_text(messages, cue)
 
+    def build_inputs(self, prompt: str, width: int, height: int):
+        """The tokenised model input (input_ids, attention_mask) for one prompt."""
+        return self.tokenizer(self.build_input_text(prompt, width, height), return_tensors="pt",
+                              add_special_tokens=self.config.add_special_tokens)
+
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()
     def enhance(self, prompt: str, width: int = 32, height: int = 32, seed: int = 0,
@@ -111,8 +124,7 @@ class PromptEnhancer:
         top_p = self.config.top_p if top_p is None else top_p
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-        text = self.build_input_text(prompt, width, height)
-        inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        inputs = self.build_inputs(prompt, width, height).to(self.model.device)
         n_in = inputs["input_ids"].shape[1]
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False}

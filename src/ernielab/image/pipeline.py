@@ -3,6 +3,9 @@
 On disk (`save_pretrained`): pipeline.json (text encoder, latent space, sampling defaults) and
 transformer/ (config.json + model.safetensors); a few-step student may also carry finisher/, a second
 transformer (e.g. its teacher) that takes the last `finisher_steps` steps without CFG.
+
+`from_pretrained` also takes the ERNIE-Image release as diffusers lays it out (model_index.json and one
+subfolder per component) or its hub id; such a pipeline saves back in that layout (`ernielab.image.release`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from ernielab.core.images import to_pil, to_uint8
 from ernielab.image.config import check_interchangeable
 from ernielab.image.latents import LatentSpaceConfig, build_latent_space
 from ernielab.image.registry import load_transformer
+from ernielab.image.release import (MODEL_INDEX, ReleaseParts, is_release_folder, load_release, resolve_release,
+                                    save_release)
 from ernielab.image.samplers import cfg_denoiser, euler_sample, sigma_schedule
 from ernielab.image.text_encoder import TextEncoder, TextEncoderConfig
 from ernielab.image.transformer import ErnieImageTransformer
@@ -69,6 +74,7 @@ class TextToImagePipeline:
         self.latent_space = latent_space
         self.config = config or PipelineConfig(text_encoder=text_encoder.config, latent=latent_space.config)
         self.finisher = finisher.eval() if finisher is not None else None
+        self.release: ReleaseParts | None = None  # set for a pipeline loaded from a release (diffusers) folder
         if (self.finisher is None) != (self.config.finisher_steps == 0):
             raise ValueError("finisher_steps > 0 needs a finisher transformer, and a finisher needs finisher_steps > 0")
 
@@ -87,15 +93,32 @@ class TextToImagePipeline:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def prompt_enhancer(self):
+        """The release's own prompt enhancer (pe/ + pe_tokenizer/), or None. Off unless passed as `enhancer=`."""
+        return self.release.prompt_enhancer if self.release is not None else None
+
     def to(self, device) -> "TextToImagePipeline":
+        """Move every component: transformer, finisher, latent space (VAE), text encoder and a release's enhancer."""
         self.transformer.to(device)
         if self.finisher is not None:
             self.finisher.to(device)
         self.latent_space.to(device)
+        if isinstance(self.text_encoder, torch.nn.Module):
+            self.text_encoder.to(device)
+        if self.prompt_enhancer is not None:
+            self.prompt_enhancer.to(device)
         return self
 
     # ---- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """An ernielab folder (pipeline.json + transformer/); a release-loaded pipeline is written back in the
+        diffusers layout instead (model_index.json + a subfolder per component), loadable by diffusers."""
+        if self.release is not None:
+            if self.finisher is not None:
+                raise ValueError("the diffusers layout has no place for a finisher transformer")
+            save_release(self, path, dtype=dtype)
+            return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(path / "transformer", dtype=dtype)
@@ -107,9 +130,22 @@ class TextToImagePipeline:
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu",
                         dtype: torch.dtype = torch.float32, text_encoder: TextEncoder | None = None,
                         vae: torch.nn.Module | None = None) -> "TextToImagePipeline":
+        """An ernielab pipeline folder (pipeline.json), a diffusers ERNIE-Image release folder (model_index.json)
+        or a hub id of one (HF_HUB_OFFLINE: the local cache only). None: the bundled model."""
         path = Path(path) if path is not None else DEFAULT_MODEL
         if not (path / PIPELINE_CONFIG).is_file():
-            raise FileNotFoundError(f"no {PIPELINE_CONFIG} in {path}: not an ernielab pipeline folder")
+            if not path.is_dir() and not path.exists():
+                path = resolve_release(path)  # a hub id, else FileNotFoundError
+            if is_release_folder(path):
+                if text_encoder is not None or vae is not None:
+                    raise ValueError("a release folder brings its own text encoder and VAE")
+                *parts, release = load_release(path, device=device, dtype=dtype)
+                pipe = cls(*parts)
+                pipe.release = release
+                return pipe
+            if not (path / PIPELINE_CONFIG).is_file():
+                raise FileNotFoundError(f"no {PIPELINE_CONFIG} (ernielab) or {MODEL_INDEX} (diffusers release) in "
+                                        f"{path}: not an ernielab pipeline folder")
         config = PipelineConfig.load(path / PIPELINE_CONFIG)
         transformer = load_transformer(path / "transformer", dtype=dtype).to(device)
         if text_encoder is None:
@@ -228,7 +264,9 @@ class TextToImagePipeline:
             chunk = prompts[start : start + batch_size]
             cond = self.text_encoder(chunk, device=self.device, dtype=dtype)
             uncond = self.text_encoder([negative] * len(chunk), device=self.device, dtype=dtype)
-            denoiser = cfg_denoiser(self.transformer, cond, uncond, guidance_scale)
+            # a release pipeline rounds timesteps to the transformer's dtype, as diffusers' ErnieImagePipeline does
+            denoiser = cfg_denoiser(self.transformer, cond, uncond, guidance_scale,
+                                    timestep_dtype=dtype if self.release is not None else None)
             x = noise[start : start + batch_size].to(self.device, dtype)
             split = len(sigmas) - 1 - min(cfg.finisher_steps, steps - 1)  # the finisher never takes every step
             x = euler_sample(denoiser, x, sigmas[: split + 1], progress=progress and len(prompts) <= batch_size)
@@ -248,6 +286,14 @@ def _check_int(name: str, value, minimum: int | None = None) -> None:
 def describe(path: str | Path) -> dict:
     """Small summary of a saved pipeline (for `ernielab info`): its checked configs and parameter count."""
     path = Path(path)
+    if not (path / PIPELINE_CONFIG).is_file() and is_release_folder(path):  # a diffusers release folder
+        from ernielab.image.release import read_model_index
+
+        index = read_model_index(path)
+        transformer = json.loads((path / "transformer" / "config.json").read_text())
+        if not isinstance(transformer, dict):
+            raise ValueError(f"{path / 'transformer' / 'config.json'} must hold a JSON object")
+        return {"pipeline": {k: v for k, v in index.items() if not k.startswith("_")}, "transformer": transformer}
     if not (path / PIPELINE_CONFIG).is_file():
         raise FileNotFoundError(f"no {PIPELINE_CONFIG} in {path}: not an ernielab pipeline folder")
     pipeline = PipelineConfig.load(path / PIPELINE_CONFIG)

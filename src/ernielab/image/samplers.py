@@ -26,21 +26,28 @@ def euler_sample(
     progress: bool = False,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Integrate dx/dsigma = v from sigma[0] to sigma[-1] with Euler steps."""
+    """Integrate dx/dsigma = v from sigma[0] to sigma[-1] with Euler steps.
+
+    Each update is computed in float32 and stored back in x's dtype (as diffusers' FlowMatchEulerDiscreteScheduler
+    does; for float32 latents this is the plain update)."""
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling", leave=False):
         s = sigmas[i].expand(x.shape[0]).to(x.device)
         v = denoiser(x, s)
-        x = x + (sigmas[i + 1] - sigmas[i]).to(x.dtype) * v.to(x.dtype)
+        dt = (sigmas[i + 1] - sigmas[i]).float()
+        x = (x.float() + dt * v.float()).to(x.dtype) if x.dtype != torch.float32 else x + dt * v.to(x.dtype)
         if callback is not None:
             callback(i, x)
     return x
 
 
-def model_denoiser(model, text: torch.Tensor, text_lens: torch.Tensor) -> Denoiser:
-    """Wrap an ErnieImageTransformer-like model (timestep on the 0..1000 scale) as a denoiser."""
+def model_denoiser(model, text: torch.Tensor, text_lens: torch.Tensor,
+                   timestep_dtype: torch.dtype | None = None) -> Denoiser:
+    """Wrap an ErnieImageTransformer-like model (timestep on the 0..1000 scale) as a denoiser. `timestep_dtype`:
+    round the timestep to it first (diffusers' ErnieImagePipeline passes it in the transformer's dtype)."""
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return model(x, sigma * TIMESTEP_SCALE, text, text_lens)
+        t = sigma * TIMESTEP_SCALE
+        return model(x, t if timestep_dtype is None else t.to(timestep_dtype), text, text_lens)
 
     return denoise
 
@@ -50,14 +57,16 @@ def cfg_denoiser(
     cond: tuple[torch.Tensor, torch.Tensor],
     uncond: tuple[torch.Tensor, torch.Tensor],
     guidance_scale: float,
+    timestep_dtype: torch.dtype | None = None,
 ) -> Denoiser:
     """Classifier-free guidance with one batched forward: v = v_u + g * (v_c - v_u). g <= 1 skips the uncond pass."""
     if guidance_scale <= 1.0:
-        return model_denoiser(model, *cond)
+        return model_denoiser(model, *cond, timestep_dtype=timestep_dtype)
     text, lens = _stack_padded([uncond, cond])
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        v = model(torch.cat([x, x]), torch.cat([sigma, sigma]) * TIMESTEP_SCALE, text, lens)
+        t = torch.cat([sigma, sigma]) * TIMESTEP_SCALE
+        v = model(torch.cat([x, x]), t if timestep_dtype is None else t.to(timestep_dtype), text, lens)
         v_u, v_c = v.chunk(2)
         return v_u + guidance_scale * (v_c - v_u)
 

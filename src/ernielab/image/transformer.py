@@ -6,7 +6,9 @@ Blocks are pre-RMSNorm with per-head QK RMSNorm, 3-axis RoPE and a bias-free GeG
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +24,20 @@ from ernielab.core.layers.rope import rope_angles, rope_cos_sin
 from ernielab.core.persistence import CONFIG_NAME, load_checked, save_model_folder
 from ernielab.image.config import ErnieImageConfig
 from ernielab.image.convert import from_diffusers_state_dict, to_diffusers_state_dict
+
+
+class _ShapeOnly(nn.Module):
+    """Stands in for a model in `load_checked`: the same state-dict keys and shapes, loading nothing."""
+
+    def __init__(self, shapes: dict[str, torch.Tensor]):
+        super().__init__()
+        self._shapes = shapes
+
+    def state_dict(self, *args, **kwargs):
+        return self._shapes
+
+    def load_state_dict(self, *args, **kwargs):
+        return None
 
 
 class SharedAdaLNBlock(nn.Module):
@@ -75,8 +91,10 @@ class ErnieImageTransformer(nn.Module):
     def key_mask(n_img: int, text_len: int, text_lens: torch.Tensor) -> torch.Tensor | None:
         """[B, 1, 1, S] bool: image tokens always attendable, text tokens only up to each prompt's length.
 
-        None when nothing is padded, which lets attention take its faster unmasked path."""
-        if bool((text_lens >= text_len).all()):
+        None when nothing is padded, which lets attention take its faster unmasked path. That check reads a value
+        off the tensor, a graph break under torch.compile; compiled, the mask is always built (all-True when
+        nothing is padded), so eager numbers stay as they were and the compiled graph is whole."""
+        if not torch.compiler.is_compiling() and bool((text_lens >= text_len).all()):
             return None
         valid_text = torch.arange(text_len, device=text_lens.device)[None] < text_lens[:, None]
         valid_img = torch.ones(len(text_lens), n_img, dtype=torch.bool, device=text_lens.device)
@@ -163,20 +181,33 @@ class ErnieImageTransformer(nn.Module):
         for file in weights:
             state.update(load_file(str(file)))
         if "_class_name" in raw:  # a diffusers folder
-            return cls.from_diffusers(raw, state, dtype)
+            return cls.from_diffusers(raw, state, dtype, copy=False)  # `state` is ours alone: no copy
         model = cls(ErnieImageConfig.from_dict(raw))
         model.load_state_dict_checked(state)
         return model.to(dtype)
 
     @classmethod
-    def from_diffusers(cls, config: dict | object, state_dict: dict | None = None, dtype=torch.float32):
-        """Build from a diffusers config dict (or a live diffusers model) and its state dict."""
+    def from_diffusers(cls, config: dict | object, state_dict: dict | None = None, dtype=torch.float32, *,
+                       copy: bool = True):
+        """Build from a diffusers config dict (or a live diffusers model) and its state dict. `copy=False` lets the
+        model take the given tensors themselves (when nothing else holds them)."""
         if hasattr(config, "state_dict") and hasattr(config, "config"):
             state_dict = config.state_dict() if state_dict is None else state_dict
             config = dict(config.config)
-        model = cls(ErnieImageConfig.from_diffusers(dict(config)))
-        model.load_state_dict_checked(from_diffusers_state_dict(state_dict))
-        return model.to(dtype)
+        config = dict(config)
+        known = {f.name for f in dataclasses.fields(ErnieImageConfig)}
+        extra = sorted(k for k in config if not k.startswith("_") and k not in known)
+        if extra:  # as diffusers does with config keys its class does not take: ignored, with a warning
+            warnings.warn(f"ignoring config keys ErnieImageTransformer2DModel does not take: {extra}", stacklevel=2)
+        cfg = ErnieImageConfig.from_diffusers({k: v for k, v in config.items() if k not in extra})
+        # Built on the meta device and filled with the checkpoint's tensors: the release's 8B transformer is
+        # neither randomly initialised nor held in float32 first (the values are those a copy would give).
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = from_diffusers_state_dict(state_dict)
+        load_checked(_ShapeOnly(model.state_dict()), state, "ErnieImageTransformer")  # one readable error on a misfit
+        model.load_state_dict({k: v.to(dtype=dtype, copy=copy) for k, v in state.items()}, assign=True)
+        return model
 
     def to_diffusers_state_dict(self) -> dict[str, torch.Tensor]:
         return to_diffusers_state_dict(self.state_dict())
