@@ -51,7 +51,8 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
              output: Path = typer.Option(Path("out.png"), "-o", "--output", help="PNG path for a single prompt"),
              prompts: Optional[Path] = typer.Option(None, "--prompts", help="text file, one prompt per line"),
              out: Path = typer.Option(Path("outputs"), "--out", help="folder for --prompts results"),
-             model: Optional[Path] = typer.Option(None, help="pipeline folder (default: the bundled model)"),
+             model: Optional[str] = typer.Option(None, help="ernielab pipeline folder, diffusers ErnieImagePipeline "
+                                                           "folder or hub id (default: the bundled model)"),
              seed: int = typer.Option(0, help="image i uses seed + i"),
              steps: Optional[int] = typer.Option(None, help="sampling steps (default: the model's, 50)"),
              guidance: Optional[float] = typer.Option(None, help="CFG scale (default: the model's, 4.0)"),
@@ -59,9 +60,10 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
              size: Optional[str] = typer.Option(None, help="HxW in pixels (default: the model's)"),
              negative: Optional[str] = typer.Option(None, help="negative prompt"),
              batch_size: int = typer.Option(16),
-             enhance: bool = typer.Option(False, "--enhance", help="rewrite prompts with a prompt enhancer first"),
+             enhance: bool = typer.Option(False, "--enhance", help="rewrite prompts with a prompt enhancer first: "
+                                          "the release's own (pe/) if the model has one, else the bundled one"),
              enhancer: Optional[Path] = typer.Option(None, "--enhancer",
-                                                     help="enhancer folder (default: bundled; implies --enhance)")):
+                                                     help="enhancer folder (implies --enhance)")):
     """Generate images. One prompt -> one PNG; --prompts FILE -> DIR/0000.png ... and DIR/grid.png."""
     from ernielab.enhancer.model import PromptEnhancer
     from ernielab.image.pipeline import TextToImagePipeline
@@ -73,8 +75,12 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
         raise UserError("empty prompt (blank line in the prompt file?)")
     check_output_file(output) if prompts is None else check_output_dir(out, "--out")
     height, width = parse_size(size)
-    prompt_enhancer = PromptEnhancer.from_pretrained(enhancer) if enhance or enhancer else None
     pipe = TextToImagePipeline.from_pretrained(model)
+    prompt_enhancer = None
+    if enhancer is not None:
+        prompt_enhancer = PromptEnhancer.from_pretrained(enhancer)
+    elif enhance:
+        prompt_enhancer = pipe.prompt_enhancer or PromptEnhancer.from_pretrained()
     pipe.check_arguments(texts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                          shift=shift, seed=seed, batch_size=batch_size, negative_prompt=negative)
     result = pipe(texts, seed=seed, num_inference_steps=steps, guidance_scale=guidance, shift=shift, height=height,
