@@ -140,12 +140,14 @@ def run_options(cfg, output_dir: str | None, fresh: bool):
     return cfg.replace(resume="") if fresh else cfg
 
 
-def add_train_command(app: typer.Typer, config_cls, run, what: str) -> None:
+def add_train_command(app: typer.Typer, config_cls, run, what: str, name: str = "train", prepare=None) -> None:
     """The one training command every family has: `ernielab <family> train CONFIG.json [--set key=value ...]
-    [--output-dir DIR] [--fresh]`. `config_cls`: the config class, or "module:Class" to import it only when the
-    command runs (keeps `--help` fast); `run(config)` trains through the engine and returns its result dict."""
+    [--output-dir DIR] [--fresh] [--threads N]`. `config_cls`: the config class, or "module:Class" to import it
+    only when the command runs (keeps `--help` fast); `prepare(config)`, if given, turns the loaded config into
+    the training config (e.g. a stage-2 config into its run); `run(config)` trains through the engine and
+    returns its result dict. `name` names other training commands of a family (e.g. `unified vq`)."""
 
-    @app.command("train", help=f"Train {what} from a JSON config (resumes from the run folder's latest checkpoint).")
+    @app.command(name, help=f"Train {what} from a JSON config (resumes from the run folder's latest checkpoint).")
     @user_errors
     def train(config: Path = typer.Argument(..., help="training config JSON (see configs/)"),
               set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set steps=100"),
@@ -156,12 +158,16 @@ def add_train_command(app: typer.Typer, config_cls, run, what: str) -> None:
         if isinstance(cls, str):
             import importlib
 
-            module, name = cls.split(":")
-            cls = getattr(importlib.import_module(module), name)
-        cfg = run_options(load_config(cls, config, set_), output_dir, fresh)
+            module, attr = cls.split(":")
+            cls = getattr(importlib.import_module(module), attr)
+        cfg = load_config(cls, config, set_)
+        cfg = run_options(prepare(cfg) if prepare else cfg, output_dir, fresh)
         check_output_dir(Path(cfg.output_dir), "output_dir")
         set_threads(threads)
-        typer.echo(train_summary(run(cfg)))
+        result = run(cfg)
+        typer.echo(train_summary(result))
+        if result.get("eval"):
+            typer.echo(json.dumps(result["eval"], default=float))
 
 
 def train_summary(result: dict) -> str:

@@ -12,15 +12,7 @@ from typing import Optional
 
 import typer
 
-from ernielab.core.cli import (
-    add_train_command,
-    check_output_dir,
-    load_config,
-    run_options,
-    set_threads,
-    train_summary,
-    user_errors,
-)
+from ernielab.core.cli import add_train_command, set_threads, user_errors
 from ernielab.unified.config import TASKS, EvalSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -53,24 +45,14 @@ add_train_command(app, "ernielab.unified.train:UnifiedTrainConfig", run_unified,
                   "the unified model (caption->image, image->caption and text in one elastic MoE; RUN/model)")
 
 
-@app.command("vq")
-@user_errors
-def vq(config: Path = typer.Argument(..., help="VQ training config JSON (see configs/unified/vq.json)"),
-       set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set model.codebook_size=128"),
-       output_dir: Optional[str] = typer.Option(None, "--output-dir", help="override output_dir (the VQ folder)"),
-       fresh: bool = typer.Option(False, "--fresh", help="clear the run folder's checkpoints and start over"),
-       threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)")):
-    """Train the VQ image tokenizer from a JSON config (resumes from the folder's latest checkpoint); prints
-    the reconstruction metrics of the finished tokenizer."""
-    from ernielab.unified.train import VQTrainConfig, train_vq
+def run_vq(cfg) -> dict:
+    from ernielab.unified.train import train_vq
 
-    cfg = run_options(load_config(VQTrainConfig, config, set_), output_dir, fresh)
-    check_output_dir(Path(cfg.output_dir), "output_dir")
-    set_threads(threads)
-    result = train_vq(cfg, progress=True)
-    typer.echo(train_summary(result))
-    if result.get("eval"):
-        typer.echo(json.dumps(result["eval"]))
+    return train_vq(cfg, progress=True)
+
+
+add_train_command(app, "ernielab.unified.train:VQTrainConfig", run_vq,
+                  "the VQ image tokenizer (prints its reconstruction metrics)", name="vq")
 
 
 @app.command("generate-image")
