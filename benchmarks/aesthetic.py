@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="head training steps (default: each config's, 1500)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="benchmark, feature cache and head runs "
-                    "(default: runs/aesthetic/benchmark, or runs/aesthetic/smoke with --smoke)")
+                    "(default: runs/aesthetic/benchmark, or outputs/aesthetic_benchmark_smoke/work with --smoke)")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json "
                     "(default: outputs/aesthetic_benchmark, or outputs/aesthetic_benchmark_smoke with --smoke)")
     ap.add_argument("--ship", type=Path, default=None,
@@ -65,11 +65,13 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="seconds: 40/30 images, 20 steps, the pixel head only (no Inception)")
     args = ap.parse_args()
-    if args.smoke:
-        args.n_train, args.n_test, args.steps = 40, 30, args.steps or 20
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        ap.set_defaults(n_train=40, n_test=30, steps=20)
+        args = ap.parse_args()
         if args.ship:
             ap.error("--ship needs the Inception heads; not with --smoke")
-    args.work = args.work or Path("runs/aesthetic/smoke" if args.smoke else "runs/aesthetic/benchmark")
+    args.work = args.work or Path("outputs/aesthetic_benchmark_smoke/work" if args.smoke
+                                  else "runs/aesthetic/benchmark")
     args.out = args.out or Path("outputs/aesthetic_benchmark_smoke" if args.smoke else "outputs/aesthetic_benchmark")
     heads = {k: v for k, v in HEADS.items() if k in SMOKE_HEADS or not args.smoke}
     torch.set_num_threads(1)

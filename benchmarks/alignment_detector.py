@@ -4,11 +4,15 @@ A checker that passes wrong images or fails right ones would make every alignmen
 this measures how often it calls a correctly rendered scene correct ("all" attribute), per prompt kind.
 
     .venv/bin/python benchmarks/alignment_detector.py --n 1000
+    .venv/bin/python benchmarks/alignment_detector.py --smoke      # seconds: 2 scenes per kind
+
+Prints the table (the logged run is benchmarks/results/alignment_detector.txt); --out also writes the JSON there.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -29,11 +33,16 @@ CONDITIONS = {"clean": (0, 0, 0), "noise .05 + blur 0.7": (0.05, 0.7, 0), "noise
               "noise .05 + blur 1.0 + colour shift .03": (0.05, 1.0, 0.03)}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000, help="scenes per kind")
     ap.add_argument("--image-size", type=int, default=32)
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON report here (default: print only)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 2 scenes per kind")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        ap.set_defaults(n=2)
+        args = ap.parse_args(argv)
     table = {}
     for name, (noise, blur, shift) in CONDITIONS.items():
         row = {}
@@ -47,7 +56,13 @@ def main() -> None:
             row[kind] = ok / args.n
         table[name] = row
         print(name, row, flush=True)
-    print(json.dumps({"n_per_kind": args.n, "image_size": args.image_size, "all_correct": table}, indent=2))
+    report = json.dumps({"n_per_kind": args.n, "image_size": args.image_size, "all_correct": table,
+                         "smoke": args.smoke}, indent=2)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,18 @@
    with `--aesthetic default` also the mean aesthetic score (ernielab.aesthetic.scorer) of those images.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dpo.py
+    .venv/bin/python benchmarks/dpo.py --smoke      # seconds: 2 prompts per kind, 2 DPO steps, one variant
 
-Every stage is skipped when its output exists, so an interrupted run continues where it stopped.
-Results: outputs/benchmarks/dpo/dpo.json (+ contact sheets under the run folder); `--results benchmarks/results/dpo`
-replaces the committed results.
+Every stage is skipped when its output exists, so an interrupted run continues where it stopped (with --smoke
+the run folder is a fresh temporary one unless --out names one).
+Results: outputs/benchmarks/dpo/dpo.json (outputs/benchmarks/dpo_smoke/dpo.json with --smoke; + contact sheets
+under the run folder); `--results benchmarks/results/dpo` replaces the committed results.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,7 +67,8 @@ def build_pairs(args, out: Path) -> dict:
 def train_variant(args, name: str, pairs: Path, out: Path) -> dict:
     settings = DPOSettings(pairs=str(pairs), beta=args.beta, **VARIANTS[name])
     cfg = DPOTrainConfig(init_from=str(DEFAULT_MODEL), dpo=settings, output_dir=str(out), steps=args.dpo_steps,
-                         batch_size=args.batch, lr=args.lr, warmup_steps=20, log_every=10, save_every=100,
+                         batch_size=args.batch, lr=args.lr, warmup_steps=min(20, args.dpo_steps),
+                         log_every=min(10, args.dpo_steps), save_every=min(100, args.dpo_steps),
                          seed=args.seed)
     if not (out / "pipeline" / "pipeline.json").is_file():
         DPOTrainer(cfg).train()
@@ -125,9 +129,14 @@ def add_aesthetic(args, model_dir: Path, report: dict, report_file: Path) -> dic
     return report
 
 
-def main() -> None:
+SMOKE = dict(results="outputs/benchmarks/dpo_smoke", pair_prompts=2, candidates=4, pair_steps=2, dpo_steps=2,
+             batch=2, n_align=1, n_fid=2, eval_steps=2, variants="stabilized")
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/dpo_bench")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/dpo_bench; with --smoke a fresh "
+                        "temporary folder)")
     parser.add_argument("--results", default="outputs/benchmarks/dpo",
                         help="folder for dpo.json (the committed results are in benchmarks/results/dpo)")
     parser.add_argument("--pair-prompts", type=int, default=150, help="per kind (count, relation)")
@@ -143,7 +152,21 @@ def main() -> None:
     parser.add_argument("--variants", default="stabilized,raw_anchors,plain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--aesthetic", default="", help="'default' or a scorer folder: also report its mean score")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    args = parser.parse_args(argv)
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    if args.out is None and args.smoke:
+        with tempfile.TemporaryDirectory(prefix="dpo_smoke_") as tmp:
+            args.out = tmp
+            return run(args)
+    args.out = args.out or "runs/dpo_bench"
+    run(args)
+
+
+def run(args) -> None:
     torch.set_num_threads(1)
     out, results = Path(args.out), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

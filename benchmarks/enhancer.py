@@ -85,8 +85,9 @@ def main() -> None:
                     "or next to the report with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="seconds: 2 intents per kind, 2 sampling steps, --reference")
     args = ap.parse_args()
-    if args.smoke:
-        args.n, args.steps, args.reference = 2, args.steps or 2, True
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        ap.set_defaults(n=2, steps=2, reference=True)
+        args = ap.parse_args()
     args.out = args.out or ("outputs/enhancer_benchmark_smoke/enhancer.json" if args.smoke
                             else "outputs/enhancer_benchmark/enhancer.json")
     args.rows = args.rows or (str(Path(args.out).with_name("per_image.jsonl")) if args.smoke

@@ -4,6 +4,9 @@ Both models run in one process on the same inputs, interleaved (ours, theirs, ou
 background load hits both alike; we report medians and the ratio diffusers/ours (> 1: ours faster).
 
     .venv/bin/python benchmarks/transformer_speed.py --threads 1
+    .venv/bin/python benchmarks/transformer_speed.py --smoke      # seconds: tiny config, batch 2, one repeat
+
+Prints the result (logged ones: benchmarks/results/transformer_speed_*.json); --out also writes it there.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from diffusers import ErnieImageTransformer2DModel
@@ -25,7 +29,7 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
@@ -33,7 +37,13 @@ def main() -> None:
     ap.add_argument("--config", default="small", choices=["tiny", "small", "default"])
     ap.add_argument("--grid", type=int, default=8, help="latent grid side (tokens = grid^2)")
     ap.add_argument("--text-len", type=int, default=12)
-    args = ap.parse_args()
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON report here (default: print only)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny config, batch 2, 2x2 grid, one repeat")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        ap.set_defaults(config="tiny", batch=2, grid=2, text_len=4, repeats=1, warmup=1)
+        args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = {"tiny": ErnieImageConfig.tiny(), "small": ErnieImageConfig.small(),
@@ -53,7 +63,7 @@ def main() -> None:
     run_ref = lambda: ref(x, t, text, lens, return_dict=False)[0]  # noqa: E731
     with torch.inference_mode():
         max_diff = (run_ours() - run_ref()).abs().max().item()
-        for _ in range(3):  # warm-up
+        for _ in range(args.warmup):
             run_ours(), run_ref()
         ours_t, ref_t = [], []
         for _ in range(args.repeats):
@@ -64,6 +74,10 @@ def main() -> None:
               "diffusers_ms": 1000 * statistics.median(ref_t), "max_abs_diff": max_diff}
     result["speedup_vs_diffusers"] = result["diffusers_ms"] / result["ours_ms"]
     print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ slows every row alike. Text features are cached before timing (every row would p
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/turbo.py \
         --student dmd=runs/distill/dmd/student --n-fid 300 --n-align 50     # -> outputs/turbo/turbo.json
+    .venv/bin/python benchmarks/turbo.py --smoke     # seconds: tiny random teacher and student, 2 images, no cache
+
+With --smoke, a tiny random teacher (unless --teacher) and a tiny random student "smoke" (unless --student) stand in
+for trained models (add e.g. `--hybrid h=STUDENT+TEACHER` for hybrid rows); the report goes to
+outputs/turbo/turbo_smoke.json.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import argparse
 import hashlib
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,12 +32,31 @@ import torch
 
 from ernielab.core.images import to_uint8
 from ernielab.image.evaluate import alignment_prompts, real_split, score_alignment
-from ernielab.image.fid import fid_kid_from_features, inception_features
-from ernielab.image.pipeline import DEFAULT_MODEL, TextToImagePipeline
+from ernielab.image.pipeline import DEFAULT_MODEL, PIPELINE_CONFIG, PipelineConfig, TextToImagePipeline
 from ernielab.worlds.registry import DataConfig
 
+SMOKE = dict(n_fid=2, n_align=1, batch_size=2, time_batch=1, time_repeats=1, cache="",
+             out="outputs/turbo/turbo_smoke.json")
 
-def parse_args():
+
+def smoke_pipeline(path: Path, steps: int = 50, guidance_scale: float = 4.0, seed: int = 0) -> Path:
+    """A tiny random pipeline (ErnieImageConfig.tiny, the bundled model's text encoder, latent space and image
+    size) saved to `path`: what --smoke uses for models that are not in the repo (the numbers mean nothing)."""
+    from ernielab.image.config import ErnieImageConfig
+    from ernielab.image.transformer import ErnieImageTransformer
+
+    bundled = PipelineConfig.load(DEFAULT_MODEL / PIPELINE_CONFIG)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ErnieImageTransformer(ErnieImageConfig.tiny())
+        for p in model.parameters():  # zero-initialised outputs would draw every image alike
+            torch.nn.init.normal_(p, std=0.05)
+    model.save_pretrained(Path(path) / "transformer")
+    bundled.replace(steps=steps, guidance_scale=guidance_scale).save(Path(path) / PIPELINE_CONFIG)
+    return Path(path)
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled model)")
     ap.add_argument("--student", action="append", default=[], help="NAME=FOLDER of a distilled student (repeatable)")
@@ -53,7 +78,21 @@ def parse_args():
                     help="folder caching generated quality sets (keyed by model, sampling, prompts, seed); '' = off")
     ap.add_argument("--precompute-only", action="store_true",
                     help="only fill the cache with the rows' quality sets (no timing, no report)")
-    return ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny random stand-in models, "
+                    + ", ".join(f"{k}={v!r}" for k, v in SMOKE.items()))
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
+    return args
+
+
+def add_smoke_models(args, root: Path) -> None:
+    """--smoke: tiny random stand-ins for the models not given (a teacher and an 8-step student)."""
+    if args.teacher is None:
+        args.teacher = str(smoke_pipeline(root / "teacher", seed=0))
+    if not args.student:
+        args.student = [f"smoke={smoke_pipeline(root / 'student', steps=8, guidance_scale=1.0, seed=1)}"]
 
 
 def rows(args) -> list[dict]:
@@ -114,6 +153,8 @@ def cached_images(row: dict, prompts: list[str], seed: int, args) -> np.ndarray:
 
 
 def quality(row: dict, real_feats, captions, align_sets, args) -> dict:
+    from ernielab.image.fid import fid_kid_from_features, inception_features
+
     fake = cached_images(row, captions, args.seed, args)
     if real_feats is None:  # --precompute-only
         fake = None
@@ -134,8 +175,16 @@ def timings(table: list[dict], prompts: list[str], repeats: int) -> dict[str, fl
     return {name: statistics.median(v) for name, v in per_image.items()}
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="turbo_smoke_") as tmp:
+            add_smoke_models(args, Path(tmp))
+            return run(args)
+    run(args)
+
+
+def run(args) -> None:
     t0 = time.time()
     table = rows(args)
     data = DataConfig(kind="shapes", image_size=table[0]["pipe"].config.height)
@@ -149,6 +198,8 @@ def main() -> None:
             quality(row, None, captions, align_sets, args)
             print(f"cached {row['name']}", flush=True)
         return
+    from ernielab.image.fid import inception_features  # here, not at the top: turbo_artifacts imports this module
+
     real_feats = inception_features(to_uint8(real["image"]), desc="inception (real)")
     speed = timings(table, captions[: args.time_batch], args.time_repeats)
     results = {}

@@ -6,16 +6,22 @@ Every model draws the same held-out captions with the same seeds as benchmarks/t
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/turbo_artifacts.py --teacher runs/default_v1 \
         --student dmd_reg=runs/distill/dmd_reg/student --n 200     # -> outputs/turbo/artifacts.json
+    .venv/bin/python benchmarks/turbo_artifacts.py --smoke      # seconds: tiny random teacher and student, 2 images
+
+With --smoke, a tiny random teacher (unless --teacher) and student (unless --student) stand in for trained models
+(turbo.smoke_pipeline); the statistics go to outputs/turbo/artifacts_smoke.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
+from turbo import smoke_pipeline  # benchmarks/ is on the path when a script here runs
 
 from ernielab.core.images import to_uint8
 from ernielab.image.evaluate import real_split
@@ -39,15 +45,29 @@ def pixel_stats(images: np.ndarray) -> dict[str, float]:
             "objects_per_image": float(np.mean([ndimage.label(f)[1] for f in fg]))}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--teacher", default=None, help="teacher pipeline folder (required unless --smoke)")
     ap.add_argument("--student", action="append", default=[], help="NAME=FOLDER (repeatable)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/turbo/artifacts.json",
                     help="statistics JSON (the measured ones are under benchmarks/results/turbo/); '' = none")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny random stand-in models, 2 images")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        ap.set_defaults(n=2, out="outputs/turbo/artifacts_smoke.json")
+        args = ap.parse_args(argv)
+        with tempfile.TemporaryDirectory(prefix="turbo_artifacts_smoke_") as tmp:
+            args.teacher = args.teacher or str(smoke_pipeline(Path(tmp) / "teacher", seed=0))
+            args.student = args.student or [f"smoke={smoke_pipeline(Path(tmp) / 'student', 8, 1.0, seed=1)}"]
+            return run(args)
+    if args.teacher is None:
+        ap.error("--teacher is required (or --smoke)")
+    run(args)
+
+
+def run(args) -> None:
     torch.set_num_threads(1)
     real = real_split(DataConfig(kind="shapes", image_size=32), args.n)
     captions = list(real["caption"])
