@@ -130,6 +130,9 @@ def _mount_families() -> None:
 
     app.command("info")(info)
     app.command("enhance")(enhance)
+    from ernielab.serve.cli import serve
+
+    app.command("serve")(serve)
 
 
 _mount_families()

@@ -1,0 +1,3 @@
+from ernielab.serve.cli import app
+
+app()
