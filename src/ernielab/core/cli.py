@@ -115,17 +115,10 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def load_config(cls, path, overrides: list[str] = ()):
     """A Config subclass from a JSON file plus `--set KEY=VALUE` overrides; every problem is one UserError
     naming the file and the field."""
-    from ernielab.core.config import ConfigError
+    from ernielab.core.config import ConfigError, read_json_object
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a JSON object")
+    data = read_json_object(path)
     merged = deep_merge(data, parse_sets(list(overrides), cls))
     try:
         return cls.from_dict(merged)

@@ -29,6 +29,20 @@ def bounded(default: Any = dataclasses.MISSING, *, default_factory: Any = datacl
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"bounds": rules})
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file that must hold an object; FileNotFoundError or ConfigError (a ValueError) naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
+
+
 def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
 
@@ -168,13 +182,7 @@ class Config:
 
     @classmethod
     def load(cls: type[T], path: str | Path, strict: bool = True) -> T:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        data = read_json_object(path)
         try:
             return cls.from_dict(data, strict=strict)
         except ConfigError as e:

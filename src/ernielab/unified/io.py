@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ernielab.core.config import ConfigError
+from ernielab.core.config import ConfigError, read_json_object
 from ernielab.unified.config import UnifiedConfig, VQConfig, elastic_from_old
 from ernielab.unified.model import UnifiedTransformer
 from ernielab.unified.vq import VQTokenizer
@@ -67,7 +67,7 @@ def load_model(folder: str | Path) -> tuple[UnifiedTransformer, VQTokenizer, dic
     if missing:
         raise FileNotFoundError(f"{folder} is not a unified model folder (missing {', '.join(missing)})")
     meta_path = folder / "meta.json"
-    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    meta = read_json_object(meta_path) if meta_path.is_file() else {}
     model = UnifiedTransformer(model_config(folder, meta))
     _load_into(model, folder / "model.safetensors")
     vq = load_vq(folder)
@@ -77,21 +77,11 @@ def load_model(folder: str | Path) -> tuple[UnifiedTransformer, VQTokenizer, dic
     return model.eval(), vq, meta
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
-
-
 def model_config(folder: Path, meta: dict) -> UnifiedConfig:
     """The folder's UnifiedConfig. A folder written before the elastic settings were a section of the model
     config has them flat in meta.json's training settings (and `elastic_nested` in config.json)."""
     path = folder / "config.json"
-    data = _read_json(path)
+    data = read_json_object(path)
     if "elastic" not in data and isinstance(meta.get("train"), dict):
         data["elastic"] = elastic_from_old(meta["train"])
     try:
