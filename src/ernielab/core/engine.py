@@ -356,16 +356,14 @@ class Engine:
             path = latest_checkpoint(self.run_dir) if cfg.resume == "auto" else Path(cfg.resume)
         if path is not None:
             checkpoint = load_checkpoint(path)
-            changed = [k for k in config_changes(checkpoint["config"], cfg.to_dict(), self.defaults())
-                       if k not in RESUMABLE_CHANGES | self.task.resumable_changes]
+            changed = self.changed_settings(checkpoint)
             if changed:
                 raise ValueError(f"cannot resume {path}: it was trained with other settings ({', '.join(changed[:5])}); "
                                  f"use the same settings, --fresh to start over, or a new output_dir")
         elif cfg.branch_from:
             checkpoint = load_checkpoint(cfg.branch_from)
-            changed = [k for k in config_changes(checkpoint["config"], cfg.to_dict(), self.defaults())
-                       if k not in RESUMABLE_CHANGES | self.task.resumable_changes]
-            self.branched = {"step": checkpoint["step"], "branched_from": str(cfg.branch_from), "changed": changed}
+            self.branched = {"step": checkpoint["step"], "branched_from": str(cfg.branch_from),
+                             "changed": self.changed_settings(checkpoint)}
         else:
             return None
         if checkpoint["step"] > cfg.steps:
@@ -373,12 +371,14 @@ class Engine:
                              f"steps={cfg.steps}")
         return checkpoint
 
-    def defaults(self) -> dict:
-        """The config class's defaults (what a saved config without a newer field stood for)."""
-        try:
-            return type(self.config)().to_dict()
+    def changed_settings(self, checkpoint: dict) -> list[str]:
+        """Settings that differ from the checkpoint's and matter to what is learned (dotted names)."""
+        try:  # a field the checkpoint lacks stands for its default
+            defaults = type(self.config)().to_dict()
         except (TypeError, ValueError):
-            return {}
+            defaults = {}
+        allowed = RESUMABLE_CHANGES | self.task.resumable_changes
+        return [k for k in config_changes(checkpoint["config"], self.config.to_dict(), defaults) if k not in allowed]
 
     def restore(self, checkpoint: dict, modules: dict[str, nn.Module], ema: EMA | None, opt, sched) -> int:
         missing = [name for name in modules if name not in checkpoint["modules"]]
