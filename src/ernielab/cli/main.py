@@ -63,8 +63,17 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
              enhance: bool = typer.Option(False, "--enhance", help="rewrite prompts with a prompt enhancer first: "
                                           "the release's own (pe/) if the model has one, else the bundled one"),
              enhancer: Optional[Path] = typer.Option(None, "--enhancer",
-                                                     help="enhancer folder (implies --enhance)")):
-    """Generate images. One prompt -> one PNG; --prompts FILE -> DIR/0000.png ... and DIR/grid.png."""
+                                                     help="enhancer folder (implies --enhance)"),
+             image: Optional[Path] = typer.Option(None, "--image", help="start from this picture (image-to-image; "
+                                                  "the output has its size unless --size is given)"),
+             strength: Optional[float] = typer.Option(None, "--strength", help="with --image: how much to change "
+                                                      "it, in (0, 1]; 1 = ignore it (default 0.6)"),
+             mask: Optional[Path] = typer.Option(None, "--mask", help="with --image: inpainting mask, white = "
+                                                 "repaint, black = keep (the image's size)"),
+             n_per_prompt: int = typer.Option(1, "--n-per-prompt", help="images per prompt; image i of prompt p "
+                                              "uses seed + p * N + i")):
+    """Generate images. One prompt -> one PNG (with --n-per-prompt N: OUTPUT_0.png ... OUTPUT_{N-1}.png);
+    --prompts FILE -> DIR/0000.png ... (prompt-major) and DIR/grid.png."""
     from ernielab.enhancer.model import PromptEnhancer
     from ernielab.image.pipeline import TextToImagePipeline
 
@@ -75,24 +84,41 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
         raise UserError("empty prompt (blank line in the prompt file?)")
     check_output_file(output) if prompts is None else check_output_dir(out, "--out")
     height, width = parse_size(size)
+    if image is None and (strength is not None or mask is not None):
+        raise UserError("--strength and --mask need --image")
+    if strength is not None and not 0 < strength <= 1:
+        raise UserError(f"--strength must be in (0, 1], got {strength}")
+    if n_per_prompt < 1:
+        raise UserError(f"--n-per-prompt must be >= 1, got {n_per_prompt}")
+    init_image = _read_image(image, "--image", "RGB") if image is not None else None
+    mask_image = _read_image(mask, "--mask", "L") if mask is not None else None
     pipe = TextToImagePipeline.from_pretrained(model)
     prompt_enhancer = None
     if enhancer is not None:
         prompt_enhancer = PromptEnhancer.from_pretrained(enhancer)
     elif enhance:
         prompt_enhancer = pipe.prompt_enhancer or PromptEnhancer.from_pretrained()
+    extra = {}
+    if init_image is not None:
+        extra = dict(image=init_image, strength=strength, mask_image=mask_image)
+    if n_per_prompt != 1:
+        extra["num_images_per_prompt"] = n_per_prompt
     pipe.check_arguments(texts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                         shift=shift, seed=seed, batch_size=batch_size, negative_prompt=negative)
+                         shift=shift, seed=seed, batch_size=batch_size, negative_prompt=negative, **extra)
     result = pipe(texts, seed=seed, num_inference_steps=steps, guidance_scale=guidance, shift=shift, height=height,
                   width=width, negative_prompt=negative, batch_size=batch_size, progress=True,
-                  enhancer=prompt_enhancer)
+                  enhancer=prompt_enhancer, **extra)
     images, revised = result.images, result.revised_prompts
     if prompts is None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        images[0].save(output)
+        paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}_{i}{output.suffix}")
+                                                    for i in range(len(images))]
+        for img, path in zip(images, paths):
+            img.save(path)
         if prompt_enhancer is not None:
             typer.echo(f"revised prompt: {revised[0]}")
-        typer.echo(str(output))
+        for path in paths:
+            typer.echo(str(path))
         return
     from ernielab.core.images import save_grid
 
@@ -104,11 +130,27 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
         img.save(out / f"{i:0{width_digits}d}.png")
     save_grid([__import__("numpy").asarray(im) for im in images], out / "grid.png", captions=revised)
     record = {"seed": seed, "prompts": texts}
+    if n_per_prompt != 1:
+        record["n_per_prompt"] = n_per_prompt
     if prompt_enhancer is not None:  # the prompts the images were drawn from
         record["revised_prompts"] = revised
         (out / "prompts.txt").write_text("".join(r + "\n" for r in revised))
     (out / "prompts.json").write_text(json.dumps(record, indent=2))
     typer.echo(f"{len(images)} images in {out}")
+
+
+def _read_image(path: Path, option: str, mode: str):
+    """A picture given on the command line, as a PIL image in `mode`; a missing or unreadable file is a UserError."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise UserError(f"{option} {path}: file not found")
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except Exception as e:  # PIL raises several kinds for a file that is not a picture
+        raise UserError(f"{option} {path}: cannot read the image ({' '.join(str(e).split()) or type(e).__name__})") \
+            from None
 
 
 def _mount_families() -> None:

@@ -21,14 +21,15 @@ import torch
 from PIL import Image
 
 from ernielab.core.config import Config
-from ernielab.core.images import to_pil, to_uint8
+from ernielab.core.images import to_pil, to_uint8, to_uint8_batch
 from ernielab.image.config import check_interchangeable
 from ernielab.image.latents import LatentSpaceConfig, build_latent_space
 from ernielab.image.registry import load_transformer
 from ernielab.image.release import (MODEL_INDEX, ReleaseParts, is_release_folder, load_release, resolve_release,
                                     save_release)
-from ernielab.image.samplers import cfg_denoiser, euler_sample, sigma_schedule
-from ernielab.image.text_encoder import TextEncoder, TextEncoderConfig
+from ernielab.image.flow_matching import add_noise
+from ernielab.image.samplers import cfg_denoiser, euler_sample, img2img_start, sigma_schedule
+from ernielab.image.text_encoder import TextEncoder, TextEncoderConfig, pad_text
 from ernielab.image.transformer import ErnieImageTransformer
 
 PIPELINE_CONFIG = "pipeline.json"
@@ -58,7 +59,8 @@ class ImagePipelineOutput:
     images: by `output_type`: a list of PIL images ("pil"), uint8 [N, H, W, 3] ("np"), float [N, 3, H, W] in
         [-1, 1] ("pt") or the final latents [N, C, h, w] before decoding ("latent").
     revised_prompts: the prompts the images were drawn from (the enhancer's rewrites, else the prompts given).
-    seeds: the noise seed of each image (seed + i); None for each image when `latents` were passed instead.
+    seeds: the noise seed of each image (seed + k for image k; with `num_images_per_prompt` n, image i of prompt p
+        is k = p * n + i); None for each image when `latents` were passed instead.
     """
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
@@ -99,7 +101,9 @@ class TextToImagePipeline:
         return self.release.prompt_enhancer if self.release is not None else None
 
     def to(self, device) -> "TextToImagePipeline":
-        """Move every component: transformer, finisher, latent space (VAE), text encoder and a release's enhancer."""
+        """Move every component: transformer, finisher, latent space (VAE), text encoder and a release's enhancer.
+        Turns model CPU offload off."""
+        self._offload_device = None
         self.transformer.to(device)
         if self.finisher is not None:
             self.finisher.to(device)
@@ -167,23 +171,73 @@ class TextToImagePipeline:
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
-    def check_arguments(self, prompt: str | Sequence[str], *, negative_prompt: str | None = None,
+    def check_arguments(self, prompt: str | Sequence[str] | None = None, *,
+                        negative_prompt: str | Sequence[str] | None = None,
                         height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                         guidance_scale: float | None = None, shift: float | None = None, seed: int = 0,
-                        batch_size: int = 16, latents: torch.Tensor | None = None, output_type: str = "pil") -> dict:
+                        batch_size: int = 16, latents: torch.Tensor | None = None, output_type: str = "pil",
+                        image=None, strength: float | None = None, mask_image=None, num_images_per_prompt: int = 1,
+                        prompt_embeds=None, prompt_embeds_lens=None, negative_prompt_embeds=None,
+                        negative_prompt_embeds_lens=None, callback_on_step_end=None) -> dict:
         """The arguments of a call with the pipeline's defaults filled in; ValueError for a bad one. Callers that
-        write files (the CLI) check before they create anything."""
+        write files (the CLI) check before they create anything. Besides the keys it always had, the result holds
+        the images ("image": float [P, 3, H, W] in [-1, 1] or None), the latent-grid mask ("mask": [P, 1, h, w]
+        of 0/1 or None), "strength", "num_images_per_prompt", "negative_prompts" (one per prompt) and the
+        checked embeddings ("prompt_embeds", "negative_prompt_embeds": (text [P, T, D], lens [P]) or None)."""
         cfg = self.config
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("give prompt or prompt_embeds, not both")
+            embeds = _check_embeds("prompt_embeds", prompt_embeds, prompt_embeds_lens)
+            prompts = [""] * embeds[0].shape[0]
+        else:
+            if prompt is None:
+                raise ValueError("no prompts given (pass prompt or prompt_embeds)")
+            if prompt_embeds_lens is not None:
+                raise ValueError("prompt_embeds_lens needs prompt_embeds")
+            embeds = None
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompts given")
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be strings")
         negative = cfg.negative_prompt if negative_prompt is None else negative_prompt
-        if not isinstance(negative, str):
-            raise ValueError(f"negative_prompt must be a string, got {type(negative).__name__}")
+        if isinstance(negative, str):
+            negatives = [negative] * len(prompts)
+        elif isinstance(negative, Sequence) and all(isinstance(n, str) for n in negative):
+            negatives = list(negative)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt as a list needs one per prompt: {len(prompts)} prompts, "
+                                 f"{len(negatives)} negative prompts")
+        else:
+            raise ValueError(f"negative_prompt must be a string or a list of strings, got {type(negative).__name__}")
+        negative_embeds = None
+        if negative_prompt_embeds is not None:
+            if negative_prompt is not None:
+                raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+            negative_embeds = _check_embeds("negative_prompt_embeds", negative_prompt_embeds,
+                                            negative_prompt_embeds_lens)
+            if negative_embeds[0].shape[0] not in (1, len(prompts)):
+                raise ValueError(f"negative_prompt_embeds must hold 1 or {len(prompts)} (one per prompt) rows, got "
+                                 f"{negative_embeds[0].shape[0]}")
+        elif negative_prompt_embeds_lens is not None:
+            raise ValueError("negative_prompt_embeds_lens needs negative_prompt_embeds")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+        _check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError("callback_on_step_end must be callable")
+        images = None
+        if image is not None:
+            images = image_tensor(image)
+            if images.shape[0] not in (1, len(prompts)):
+                raise ValueError(f"image: give 1 image or one per prompt ({len(prompts)}), got {images.shape[0]}")
+            height = images.shape[2] if height is None else height
+            width = images.shape[3] if width is None else width
+        elif mask_image is not None:
+            raise ValueError("mask_image needs image (the picture to repaint)")
+        elif strength is not None:
+            raise ValueError("strength needs image (image-to-image or inpainting)")
         height = cfg.height if height is None else height
         width = cfg.width if width is None else width
         steps = cfg.steps if num_inference_steps is None else num_inference_steps
@@ -204,23 +258,66 @@ class TextToImagePipeline:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
+        mask = None
+        if images is not None:
+            if tuple(images.shape[2:]) != (height, width):
+                raise ValueError(f"image is {images.shape[2]}x{images.shape[3]} but the call draws {height}x{width} "
+                                 "(height x width); resize the image or leave height/width unset")
+            if strength is None:
+                strength = DEFAULT_STRENGTH
+            if (isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength)
+                    or not 0 < strength <= 1):
+                raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+            if img2img_start(steps, strength) >= steps:
+                raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or "
+                                 "num_inference_steps")
+            if mask_image is not None:
+                mask = mask_tensor(mask_image, (height, width), latent_shape[1:])
+                if mask.shape[0] not in (1, len(prompts)):
+                    raise ValueError(f"mask_image: give 1 mask or one per prompt ({len(prompts)}), got "
+                                     f"{mask.shape[0]}")
+        n_images = len(prompts) * num_images_per_prompt
         if latents is not None:
-            expected = (len(prompts), *latent_shape)
+            expected = (n_images, *latent_shape)
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(f"latents must be a tensor of shape {expected} ({len(prompts)} prompts at "
+                raise ValueError(f"latents must be a tensor of shape {expected} ({n_images} images at "
                                  f"{height}x{width}), got {got}")
+        if embeds is not None or negative_embeds is not None:
+            dim = embeds[0].shape[-1] if embeds is not None else negative_embeds[0].shape[-1]
+            if negative_embeds is not None and embeds is not None and negative_embeds[0].shape[-1] != dim:
+                raise ValueError("prompt_embeds and negative_prompt_embeds have different widths")
+            expected_dim = self.transformer.config.text_in_dim
+            if dim != expected_dim:
+                raise ValueError(f"prompt embeddings are {dim} wide but the transformer takes {expected_dim}")
 
         return {"prompts": prompts, "negative_prompt": negative, "height": height, "width": width,
-                "num_inference_steps": steps, "guidance_scale": guidance_scale, "shift": shift}
+                "num_inference_steps": steps, "guidance_scale": guidance_scale, "shift": shift,
+                "negative_prompts": negatives, "num_images_per_prompt": num_images_per_prompt, "image": images,
+                "mask": mask, "strength": 1.0 if images is None else float(strength), "prompt_embeds": embeds,
+                "negative_prompt_embeds": negative_embeds}
+
+    def encode_prompt(self, prompt: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text features (text [N, T, D] right-padded with zeros, float32 on the CPU; lens [N]) to pass back as
+        `prompt_embeds=` / `prompt_embeds_lens=` (or the negative ones); they give the same images as the prompts."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        with self._resident(self.text_encoder):
+            text, lens = self.text_encoder(prompts, device="cpu", dtype=torch.float32)
+        return text, lens
 
     @torch.no_grad()
-    def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | None = None, height: int | None = None,
+    def __call__(self, prompt: str | Sequence[str] | None = None, *,
+                 negative_prompt: str | Sequence[str] | None = None, height: int | None = None,
                  width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, shift: float | None = None, seed: int = 0,
                  batch_size: int = 16, latents: torch.Tensor | None = None, enhancer=None,
-                 output_type: str = "pil", progress: bool = False) -> ImagePipelineOutput:
-        """Draw one image per prompt; image i starts from the noise of seed `seed + i` (see `initial_noise`).
+                 output_type: str = "pil", progress: bool = False, image=None, strength: float | None = None,
+                 mask_image=None, num_images_per_prompt: int = 1, prompt_embeds=None, prompt_embeds_lens=None,
+                 negative_prompt_embeds=None, negative_prompt_embeds_lens=None,
+                 callback_on_step_end=None) -> ImagePipelineOutput:
+        """Draw `num_images_per_prompt` images per prompt; image k (= p * num_images_per_prompt + i, the i-th
+        image of prompt p) starts from the noise of seed `seed + k` (see `initial_noise`), so with one image per
+        prompt image p uses seed + p as always.
 
         None for a sampling argument means the pipeline's own setting (`self.config`). `latents`: the starting
         noise [N, C, h, w] instead of the seeded one. `enhancer`: an optional `enhancer.model.PromptEnhancer`;
@@ -228,20 +325,63 @@ class TextToImagePipeline:
         actually drawn from. `output_type`: "pil" (list of PIL images), "np" (uint8 [N, H, W, 3]), "pt" (float
         [N, 3, H, W] in [-1, 1]) or "latent" (the final latents, not decoded). Every argument is checked before
         any work; a bad one raises ValueError.
+
+        `negative_prompt`: one string for all prompts, or a list with one per prompt.
+        `prompt_embeds` (+ `prompt_embeds_lens`, and the negative ones): features from `encode_prompt` (text
+        [N, T, D] and lens [N], or a list of [T_i, D] tensors) instead of prompts; revised_prompts are then "".
+        `image` (PIL image, uint8 HxWx3 / NxHxWx3 array, float tensor [3, H, W] / [N, 3, H, W] in [-1, 1], or a
+        list; one for all prompts or one per prompt) with `strength` in (0, 1] (default 0.6): image-to-image. The
+        image is encoded, the first (1 - strength) of the steps are skipped (as diffusers' FlowMatch img2img
+        pipelines), the image is noised to that step's sigma with the seeded noise and the rest is denoised;
+        strength 1 is text-to-image from the same noise. height/width default to the image's size.
+        `mask_image` (with `image`; white = repaint; PIL, uint8 HxW array or float tensor in [0, 1] at the image's
+        size or the latent grid's): inpainting. The mask is taken to the latent grid by max-pooling (a latent cell
+        is repainted if any of its pixels is white); after every step the kept cells are set to the original
+        re-noised to that step's sigma, so they end as the original latents.
+        `callback_on_step_end(pipe, step, sigma, latents)`: called after each step of each batch (step counts the
+        steps this call runs, from 0; sigma is the noise level the latents are now at, decreasing to 0); it may
+        return a dict whose "latents" replace the batch's latents.
         """
         args = self.check_arguments(prompt, negative_prompt=negative_prompt, height=height, width=width,
                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                     shift=shift, seed=seed, batch_size=batch_size, latents=latents,
-                                    output_type=output_type)
+                                    output_type=output_type, image=image, strength=strength, mask_image=mask_image,
+                                    num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds,
+                                    prompt_embeds_lens=prompt_embeds_lens,
+                                    negative_prompt_embeds=negative_prompt_embeds,
+                                    negative_prompt_embeds_lens=negative_prompt_embeds_lens,
+                                    callback_on_step_end=callback_on_step_end)
         prompts, negative, height, width, steps, guidance_scale, shift = (
             args[k] for k in ("prompts", "negative_prompt", "height", "width", "num_inference_steps",
                               "guidance_scale", "shift"))
+        n = args["num_images_per_prompt"]
+        embeds, negative_embeds = args["prompt_embeds"], args["negative_prompt_embeds"]
         if enhancer is not None:
+            if embeds is not None:
+                raise ValueError("an enhancer rewrites prompts; it cannot be used with prompt_embeds")
             prompts = enhancer.enhance_many(prompts, width=width, height=height, seed=seed, progress=progress)
+        n_prompts = len(prompts)
+        negatives = args["negative_prompts"]
+        if n > 1:  # image k = p * n + i belongs to prompt p
+            prompts = [p for p in prompts for _ in range(n)]
+            negatives = [q for q in negatives for _ in range(n)]
+        rows = torch.arange(n_prompts).repeat_interleave(n)
+        if embeds is not None:
+            embeds = (embeds[0][rows], embeds[1][rows])
+        if negative_embeds is not None:
+            pick = rows if negative_embeds[0].shape[0] == n_prompts else torch.zeros_like(rows)
+            negative_embeds = (negative_embeds[0][pick], negative_embeds[1][pick])
+        init, mask = args["image"], args["mask"]
+        if init is not None:
+            init = init[rows] if init.shape[0] == n_prompts else init.expand(len(prompts), -1, -1, -1)
+        if mask is not None:
+            mask = mask[rows] if mask.shape[0] == n_prompts else mask.expand(len(prompts), -1, -1, -1)
         noise = latents if latents is not None else self.initial_noise(len(prompts), height, width, seed)
-        out = self._denoise(prompts, noise, negative=negative, steps=steps, guidance_scale=guidance_scale,
+        negative_arg = negative if isinstance(negative, str) and n_prompts == len(prompts) else negatives
+        out = self._denoise(prompts, noise, negative=negative_arg, steps=steps, guidance_scale=guidance_scale,
                             shift=shift, batch_size=batch_size, progress=progress,
-                            decode=output_type != "latent")
+                            decode=output_type != "latent", embeds=embeds, negative_embeds=negative_embeds,
+                            image=init, strength=args["strength"], mask=mask, callback=callback_on_step_end)
         if output_type == "pil":
             images = to_pil(out)
         elif output_type == "np":
@@ -252,28 +392,245 @@ class TextToImagePipeline:
         return ImagePipelineOutput(images=images, revised_prompts=list(prompts), seeds=seeds)
 
     @torch.no_grad()
-    def _denoise(self, prompts: list[str], noise: torch.Tensor, *, negative: str, steps: int, guidance_scale: float,
-                 shift: float, batch_size: int, progress: bool = False, decode: bool = True) -> torch.Tensor:
+    def _denoise(self, prompts: list[str], noise: torch.Tensor, *, negative: str | list[str], steps: int,
+                 guidance_scale: float, shift: float, batch_size: int, progress: bool = False, decode: bool = True,
+                 embeds=None, negative_embeds=None, image: torch.Tensor | None = None, strength: float = 1.0,
+                 mask: torch.Tensor | None = None, callback=None) -> torch.Tensor:
         """Checked arguments -> images [N, 3, H, W] in [-1, 1] (float32, CPU), or the final latents (float32, CPU)
-        when not `decode`. Batches of `batch_size` prompts; the finisher, if any, takes the last steps without CFG."""
+        when not `decode`. Batches of `batch_size` prompts; the finisher, if any, takes the last steps without CFG.
+        `negative`: one string or one per prompt; `embeds` / `negative_embeds`: (text, lens) per image instead of
+        the prompts / negatives; `image` [N, 3, H, W] with `strength`: img2img; `mask` [N, 1, h, w]: inpainting."""
         cfg = self.config
         sigmas = sigma_schedule(steps, shift)
+        if image is not None:
+            sigmas = sigmas[img2img_start(steps, strength):]
+        run_steps = len(sigmas) - 1
         dtype = next(self.transformer.parameters()).dtype
+        device = self.execution_device
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            cond = self.text_encoder(chunk, device=self.device, dtype=dtype)
-            uncond = self.text_encoder([negative] * len(chunk), device=self.device, dtype=dtype)
+            stop = start + len(chunk)
+            with self._resident(self.text_encoder):
+                cond = (_chunk_embeds(embeds, start, stop, device, dtype) if embeds is not None
+                        else self.text_encoder(chunk, device=device, dtype=dtype))
+                if negative_embeds is not None:
+                    uncond = _chunk_embeds(negative_embeds, start, stop, device, dtype)
+                else:
+                    neg = [negative] * len(chunk) if isinstance(negative, str) else negative[start:stop]
+                    uncond = self.text_encoder(neg, device=device, dtype=dtype)
+            x = noise[start:stop].to(device, dtype)
+            x0 = None
+            if image is not None and (strength < 1 or mask is not None):
+                with self._resident(self.latent_space):
+                    x0 = self.latent_space.encode(image[start:stop].to(device)).float()
+                if strength < 1:  # the image noised to the first sigma run, with the seeded noise
+                    x = add_noise(x0, x.float(), sigmas[:1].expand(len(chunk)).to(device)).to(dtype)
+            step_callback = self._step_callback(callback, x0, None if mask is None else mask[start:stop], sigmas)
             # a release pipeline rounds timesteps to the transformer's dtype, as diffusers' ErnieImagePipeline does
             denoiser = cfg_denoiser(self.transformer, cond, uncond, guidance_scale,
                                     timestep_dtype=dtype if self.release is not None else None)
-            x = noise[start : start + batch_size].to(self.device, dtype)
-            split = len(sigmas) - 1 - min(cfg.finisher_steps, steps - 1)  # the finisher never takes every step
-            x = euler_sample(denoiser, x, sigmas[: split + 1], progress=progress and len(prompts) <= batch_size)
-            if split < len(sigmas) - 1:
-                x = euler_sample(cfg_denoiser(self.finisher, cond, uncond, 1.0), x, sigmas[split:])
-            out.append((self.latent_space.decode(x.float()) if decode else x.float()).cpu())
+            split = run_steps - min(cfg.finisher_steps, run_steps - 1)  # the finisher never takes every step
+            if step_callback is not None:  # the noise the inpainting blend re-noises the original with
+                step_callback.noise = noise[start:stop].to(device, dtype)
+            with self._resident(self.transformer):
+                x = euler_sample(denoiser, x, sigmas[: split + 1], progress=progress and len(prompts) <= batch_size,
+                                 callback=step_callback)
+            if split < run_steps:
+                if step_callback is not None:
+                    step_callback.offset = split
+                with self._resident(self.finisher):
+                    x = euler_sample(cfg_denoiser(self.finisher, cond, uncond, 1.0), x, sigmas[split:],
+                                     callback=step_callback)
+            if decode:
+                with self._resident(self.latent_space):
+                    x = self.latent_space.decode(x.float())
+            out.append(x.float().cpu())
         return torch.cat(out)
+
+    def _step_callback(self, callback, x0, mask, sigmas):
+        """The per-step hook euler_sample runs: the inpainting blend, then the user's callback; None if neither."""
+        if callback is None and mask is None:
+            return None
+        pipe = self
+
+        class StepHook:
+            offset = 0
+            noise: torch.Tensor
+
+            def __call__(self, i: int, x: torch.Tensor):
+                step = self.offset + i
+                sigma = sigmas[step + 1]
+                replaced = None
+                if mask is not None:
+                    known = add_noise(x0, self.noise.float(), sigma.expand(x.shape[0]).to(x.device))
+                    m = mask.to(x.device, torch.float32)
+                    x = ((1 - m) * known + m * x.float()).to(x.dtype)
+                    replaced = x
+                if callback is not None:
+                    result = callback(pipe, step, float(sigma), x)
+                    if result is not None:
+                        if not isinstance(result, dict):
+                            raise TypeError("callback_on_step_end must return None or a dict")
+                        if "latents" in result:
+                            new = result["latents"]
+                            if not isinstance(new, torch.Tensor) or new.shape != x.shape:
+                                raise ValueError(f"callback_on_step_end returned latents of shape "
+                                                 f"{getattr(new, 'shape', None)}; expected {tuple(x.shape)}")
+                            replaced = new.to(x.device, x.dtype)
+                return replaced
+
+        return StepHook()
+
+    # ---- memory: model CPU offload and VAE tiling ----------------------------------------------
+    @property
+    def execution_device(self) -> torch.device:
+        """Where the models run: the offload device after `enable_model_cpu_offload`, else `device`."""
+        return self._offload_device if getattr(self, "_offload_device", None) is not None else self.device
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> "TextToImagePipeline":
+        """Keep every component on the CPU and move each to `device` only while it runs (text encoder, then the
+        transformer, the finisher, the latent space), then back: peak accelerator memory is the largest component
+        rather than all of them. Images are the same as with everything on `device`. `to()` turns it off."""
+        self.to("cpu")
+        self._offload_device = torch.device(device)
+        return self
+
+    def _resident(self, module):
+        """Context: `module` on the execution device while it runs, when offloading; otherwise nothing."""
+        import contextlib
+
+        device = getattr(self, "_offload_device", None)
+        if device is None or module is None or not hasattr(module, "to"):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def resident():
+            module.to(device)
+            try:
+                yield
+            finally:
+                module.to("cpu")
+
+        return resident()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) large images tile by tile: delegated to the latent space's diffusers VAE."""
+        vae = getattr(self.latent_space, "vae", None)
+        if vae is None or not hasattr(vae, "enable_tiling"):
+            raise ValueError(f"VAE tiling needs a diffusers VAE latent space; this pipeline's latent space is "
+                             f"{self.config.latent.kind!r} ({type(self.latent_space).__name__}), which has no VAE "
+                             "to tile")
+        vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        vae = getattr(self.latent_space, "vae", None)
+        if vae is not None and hasattr(vae, "disable_tiling"):
+            vae.disable_tiling()
+
+
+DEFAULT_STRENGTH = 0.6  # img2img / inpainting when `strength` is not given, as diffusers' pipelines
+
+
+def image_tensor(image) -> torch.Tensor:
+    """Images for img2img as float [N, 3, H, W] in [-1, 1]: a PIL image, a uint8 HxWx3 (or HxW) array, an
+    NxHxWx3 uint8 array, a float tensor [3, H, W] / [N, 3, H, W] in [-1, 1] (or uint8), or a list of these."""
+    if isinstance(image, torch.Tensor) and image.is_floating_point():
+        x = image.detach().cpu().float()
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"image tensors must be [3, H, W] or [N, 3, H, W], got {tuple(image.shape)}")
+        if not torch.isfinite(x).all() or x.min() < -1.001 or x.max() > 1.001:
+            raise ValueError("float image tensors must hold values in [-1, 1]")
+        return x.clamp(-1, 1).expand(-1, 3, -1, -1).contiguous()
+    if isinstance(image, torch.Tensor) and image.ndim == 3:
+        image = [image]
+    elif isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        image = [image]
+    elif isinstance(image, Image.Image):
+        image = [image]
+    try:
+        batch = to_uint8_batch(image)
+    except TypeError:
+        raise ValueError(f"image must be a PIL image, a uint8 array or a tensor, got {type(image).__name__}") from None
+    return batch.float() / 127.5 - 1
+
+
+def mask_tensor(mask, image_size: tuple[int, int], latent_size: tuple[int, int]) -> torch.Tensor:
+    """An inpainting mask (white / 1 = repaint) as 0/1 float [N, 1, h, w] on the latent grid. Accepts a PIL
+    image, a uint8 HxW (or HxWx3) array, a float tensor [H, W] / [1, H, W] / [N, 1, H, W] in [0, 1], or a list;
+    its size must be the image's (H, W) or the latent grid's (h, w). Float / bool arrays are read as tensors."""
+    if isinstance(mask, np.ndarray) and mask.dtype != np.uint8:
+        if mask.dtype != bool and not np.issubdtype(mask.dtype, np.floating):
+            raise ValueError(f"mask arrays must be uint8 (0-255), bool or float in [0, 1], got {mask.dtype}")
+        mask = torch.from_numpy(mask.astype(np.float32))
+    if isinstance(mask, torch.Tensor):
+        m = mask.detach().cpu()
+        m = m.float() / 255 if m.dtype == torch.uint8 else m.float()
+        if m.ndim == 2:
+            m = m[None, None]
+        elif m.ndim == 3:
+            m = m[:, None] if m.shape[0] != 1 else m[None]
+        if m.ndim != 4 or m.shape[1] != 1:
+            raise ValueError(f"mask tensors must be [H, W], [1, H, W] or [N, 1, H, W], got {tuple(mask.shape)}")
+        if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
+            raise ValueError("float mask tensors must hold values in [0, 1]")
+    else:
+        items = mask if isinstance(mask, (list, tuple)) else [mask]
+        arrays = []
+        for item in items:
+            if isinstance(item, Image.Image):
+                a = np.asarray(item.convert("L"))
+            else:
+                a = np.asarray(item)
+                if a.dtype != np.uint8:
+                    raise ValueError(f"mask arrays must be uint8, got {a.dtype}")
+                if a.ndim == 3 and a.shape[2] in (1, 3):
+                    a = a[..., 0] if a.shape[2] == 1 else np.asarray(Image.fromarray(a).convert("L"))
+            if a.ndim != 2:
+                raise ValueError(f"a mask must be one channel HxW, got shape {a.shape}")
+            if arrays and a.shape != arrays[0].shape:
+                raise ValueError("masks must all have the same size")
+            arrays.append(a)
+        if not arrays:
+            raise ValueError("no mask given")
+        m = torch.from_numpy(np.stack(arrays)).float()[:, None] / 255
+    size = tuple(m.shape[2:])
+    if size not in (tuple(image_size), tuple(latent_size)):
+        raise ValueError(f"mask is {size[0]}x{size[1]} but must match the image ({image_size[0]}x{image_size[1]}) "
+                         f"or the latent grid ({latent_size[0]}x{latent_size[1]})")
+    m = (m > 0.5).float()
+    if size != tuple(latent_size):
+        m = torch.nn.functional.adaptive_max_pool2d(m, tuple(latent_size))
+    return m
+
+
+def _check_embeds(name: str, embeds, lens) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text [N, T, D] float, lens [N] long) from a tensor (+ lens, default: all of T) or a list of [T_i, D]."""
+    if isinstance(embeds, (list, tuple)):
+        if lens is not None:
+            raise ValueError(f"{name} as a list of [T_i, D] tensors takes no lens")
+        if not embeds or not all(isinstance(e, torch.Tensor) and e.ndim == 2 and e.shape[0] > 0 for e in embeds):
+            raise ValueError(f"{name} as a list must hold [T_i, D] tensors")
+        if len({e.shape[1] for e in embeds}) != 1:
+            raise ValueError(f"{name}: all tensors must have the same width D")
+        return pad_text([e.detach().cpu().float() for e in embeds])
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] == 0 or embeds.shape[1] == 0:
+        raise ValueError(f"{name} must be a tensor [N, T, D] (or a list of [T_i, D] tensors)")
+    n, t = embeds.shape[:2]
+    if lens is None:
+        lens = torch.full((n,), t, dtype=torch.long)
+    lens = torch.as_tensor(lens).cpu()
+    if lens.shape != (n,) or lens.is_floating_point() or (lens < 1).any() or (lens > t).any():
+        raise ValueError(f"{name}_lens must hold {n} integers in [1, {t}]")
+    return embeds.detach().cpu(), lens.long()
+
+
+def _chunk_embeds(embeds: tuple[torch.Tensor, torch.Tensor], start: int, stop: int, device, dtype):
+    """Rows start:stop of (text, lens) padded as the text encoder pads a batch (to its own longest row)."""
+    text, lens = embeds
+    return pad_text([text[i, : int(lens[i])].float() for i in range(start, stop)], device=device, dtype=dtype)
 
 
 def _check_int(name: str, value, minimum: int | None = None) -> None:

@@ -24,9 +24,11 @@ def euler_sample(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     progress: bool = False,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
+    callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dsigma = v from sigma[0] to sigma[-1] with Euler steps.
+
+    `callback(i, x)` runs after step i (x now at noise level sigmas[i + 1]); a tensor it returns replaces x.
 
     Each update is computed in float32 and stored back in x's dtype (as diffusers' FlowMatchEulerDiscreteScheduler
     does; for float32 latents this is the plain update)."""
@@ -36,8 +38,17 @@ def euler_sample(
         dt = (sigmas[i + 1] - sigmas[i]).float()
         x = (x.float() + dt * v.float()).to(x.dtype) if x.dtype != torch.float32 else x + dt * v.to(x.dtype)
         if callback is not None:
-            callback(i, x)
+            replaced = callback(i, x)
+            if replaced is not None:
+                x = replaced
     return x
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """Index of the first schedule step an image-to-image run takes: the first (1 - strength) fraction of the
+    steps is skipped, as diffusers' FlowMatch img2img pipelines do (`get_timesteps`); strength 1 -> 0."""
+    init = min(steps * strength, steps)
+    return int(max(steps - init, 0))
 
 
 def model_denoiser(model, text: torch.Tensor, text_lens: torch.Tensor,
