@@ -6,9 +6,12 @@ Phases (each a fresh `python -m ernielab.serve` process):
   3. overload:  OVERLOAD clients fire one request each at once into --queue-size 8: 429s, never a 5xx or a
                 lost request, the server healthy afterwards
 Reported: lost requests (no HTTP answer), 5xx, other statuses, images/s, p50/p95 latency, pipeline calls and
-images per call (from /metrics), RSS of the server before and after.
+images per call (from /metrics), RSS of the server before and after. Printed, and written as JSON to --out
+(default outputs/serve_load/serve_load.json, untracked; pass --out benchmarks/results/... for a tracked one).
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 200] [--clients 16] [--steps 4]
+    .venv/bin/python benchmarks/serve_load.py [--requests 200] [--clients 16] [--steps 4] [--out FILE]
+    .venv/bin/python benchmarks/serve_load.py --smoke    # seconds: 2 requests a phase, 1 step, 32x32 images
+                                                         # -> outputs/serve_load/serve_load_smoke.json
 """
 from __future__ import annotations
 
@@ -23,8 +26,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
+
+SMOKE = dict(requests=2, baseline_requests=2, clients=2, max_batch=2, steps=1, overload=10, size=32,
+             out="outputs/serve_load/serve_load_smoke.json")
 
 
 def free_port() -> int:
@@ -128,29 +135,52 @@ def phase(name: str, server_args: list[str], n: int, clients: int, body, all_at_
     return result
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--baseline-requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4, help="sampling steps per request (the model's default: 50)")
+    ap.add_argument("--size", type=int, default=None, help="image width and height (default: the model's)")
     ap.add_argument("--overload", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="the servers' torch threads (default: torch's)")
     ap.add_argument("--skip-baseline", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--out", default="outputs/serve_load/serve_load.json",
+                    help="report JSON (default under outputs/, untracked; a path under benchmarks/results/ to keep)")
+    ap.add_argument("--smoke", action="store_true", help="seconds, numbers meaningless: "
+                    + ", ".join(f"{k}={v!r}" for k, v in SMOKE.items()))
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke settings become the defaults: options given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    size = {"width": args.size, "height": args.size} if args.size else {}
 
     def body(i):
-        return {"prompt": f"a {['red', 'blue', 'green', 'yellow'][i % 4]} circle", "seed": i, "steps": args.steps}
+        return {"prompt": f"a {['red', 'blue', 'green', 'yellow'][i % 4]} circle", "seed": i, "steps": args.steps,
+                **size}
 
-    results = {"batching": phase("batching", ["--max-batch", str(args.max_batch)], args.requests, args.clients,
-                                 body)}
+    results = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count()}
+    results["batching"] = phase("batching", ["--max-batch", str(args.max_batch), *extra], args.requests,
+                                args.clients, body)
     if not args.skip_baseline:
-        results["baseline"] = phase("baseline (--max-batch 1)", ["--max-batch", "1"], args.baseline_requests,
+        results["baseline"] = phase("baseline (--max-batch 1)", ["--max-batch", "1", *extra], args.baseline_requests,
                                     args.clients, body)
         results["speedup"] = round(results["batching"]["images_per_s"] / results["baseline"]["images_per_s"], 2)
-    results["overload"] = phase("overload (--queue-size 8)", ["--max-batch", "4", "--queue-size", "8"],
+    results["overload"] = phase("overload (--queue-size 8)", ["--max-batch", "4", "--queue-size", "8", *extra],
                                 args.overload, args.overload, body, all_at_once=True)
     print(json.dumps(results, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ class LiveServer:
 
     def metric(self, name: str) -> float:
         """The value of one unlabelled sample in /metrics (0 when absent)."""
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).text
         for line in text.splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])

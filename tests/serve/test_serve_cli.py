@@ -26,7 +26,7 @@ def run_serve(*args, **kw):
 def test_serve_command_starts_serves_and_stops(tiny_pipeline_dir):
     port = free_port()
     proc = run_serve("--model", tiny_pipeline_dir, "--port", port, "--max-batch", 4, "--api-key", "k",
-                     "--threads", 1)
+                     "--threads", 1, "--allow-host", "box.lan")
     try:
         t0 = time.monotonic()
         while True:
@@ -43,6 +43,9 @@ def test_serve_command_starts_serves_and_stops(tiny_pipeline_dir):
         assert r.status_code == 200 and len(r.json()["images"]) == 1
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"},
                          timeout=5).json()["data"][0]["id"] == tiny_pipeline_dir.name
+        for host, status in (("box.lan", 200), (f"localhost:{port}", 200), ("evil.example", 400)):  # DNS rebinding
+            assert httpx.get(f"http://127.0.0.1:{port}/health", headers={"Host": host}, timeout=5).status_code == status
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 401
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -65,6 +65,7 @@ class Job:
         self.loop = loop
         self.future: asyncio.Future = loop.create_future()
         self.events: asyncio.Queue = asyncio.Queue()  # progress events, read by the SSE stream
+        self.position = 0  # in the queue when submitted (0 = next)
         self.state = "queued"  # queued -> running -> done | error | cancelled
         self.cancelled = False
         self.enqueued = time.monotonic()
@@ -232,16 +233,7 @@ class Batcher:
             if self.metrics is not None:
                 self.metrics.queue_wait.observe(now - job.enqueued)
         try:
-            revised: list[list[str]] = []
-            for job in batch:
-                if job.cancelled:
-                    revised.append(list(job.prompts))
-                    continue
-                if s.enhance:
-                    revised.append(self._enhancer_model().enhance_many(job.prompts, width=s.width, height=s.height,
-                                                                       seed=job.seed))
-                else:
-                    revised.append(list(job.prompts))
+            revised = self._revise(batch, s)
             if all(job.cancelled for job in batch):
                 raise _Aborted()
             noise = torch.cat([self.pipe.initial_noise(len(job.prompts), s.height, s.width, job.seed)
@@ -272,12 +264,27 @@ class Batcher:
                 job.state = "error"
                 job._resolve(Outcome(400, str(e)))
             return
+        self._deliver(batch, revised, out.images)
+
+    def _revise(self, batch: list[Job], s: Settings) -> list[list[str]]:
+        """Each job's prompts as the pipeline gets them: enhanced when asked (not for cancelled jobs)."""
+        revised: list[list[str]] = []
+        for job in batch:
+            if s.enhance and not job.cancelled:
+                revised.append(self._enhancer_model().enhance_many(job.prompts, width=s.width, height=s.height,
+                                                                   seed=job.seed))
+            else:
+                revised.append(list(job.prompts))
+        return revised
+
+    def _deliver(self, batch: list[Job], revised: list[list[str]], out_images: list) -> None:
+        """Hand each job its slice of the batch's images (as base64 PNGs), or 499 when it was cancelled."""
         i = 0
         for job, texts in zip(batch, revised):
             n = len(job.prompts)
             images = [{"b64_png": png_b64(im), "seed": job.seed + k, "prompt": job.prompts[k],
                        "revised_prompt": texts[k], "width": im.size[0], "height": im.size[1]}
-                      for k, im in enumerate(out.images[i : i + n])]
+                      for k, im in enumerate(out_images[i : i + n])]
             i += n
             if job.cancelled:
                 job.state = "cancelled"

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from ernielab.core.cli import UserError, user_errors
+from ernielab.serve.hosts import allowed_hosts_for, is_loopback
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -30,9 +31,13 @@ def serve(model: Optional[Path] = typer.Option(None, help="pipeline folder (defa
           max_steps: int = typer.Option(200, "--max-steps", help="most sampling steps accepted"),
           batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms",
                                               help="how long the worker waits for more requests to batch"),
-          threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)")):
+          threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)"),
+          allow_host: Optional[List[str]] = typer.Option(
+              None, "--allow-host", help="another Host name to answer (repeatable); a server bound to localhost "
+              "answers only localhost, 127.0.0.1 and [::1] otherwise (against DNS rebinding)")):
     """Serve the model: OpenAI-compatible POST /v1/images/generations, POST /v1/generate (?stream=true for
-    server-sent progress), GET /v1/models, /health, /metrics and a web page at /."""
+    server-sent progress, ?async=true for a job id; GET /v1/jobs/ID/events), GET /v1/models, /health, /metrics
+    and a web page at /."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
@@ -42,6 +47,7 @@ def serve(model: Optional[Path] = typer.Option(None, help="pipeline folder (defa
             raise UserError(f"{name} must be >= 1, got {value}")
     if timeout <= 0 or batch_wait_ms < 0:
         raise UserError("--timeout must be > 0 and --batch-wait-ms >= 0")
+    allowed = allowed_hosts_for(host, [h.strip() for h in allow_host or [] if h.strip()])
     if enhancer is not None and not enhancer.is_dir():
         raise UserError(f"--enhancer {enhancer}: no such folder")
     import torch
@@ -58,8 +64,8 @@ def serve(model: Optional[Path] = typer.Option(None, help="pipeline folder (defa
     app_ = create_app(pipe, model_name=name, max_batch=max_batch, queue_size=queue_size, timeout=timeout,
                       api_key=api_key, batch_wait=batch_wait_ms / 1000,
                       enhancer_factory=lambda: PromptEnhancer.from_pretrained(enhancer, device=device),
-                      limits=ServerLimits(max_side=max_side, max_steps=max_steps))
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+                      limits=ServerLimits(max_side=max_side, max_steps=max_steps), allowed_hosts=allowed)
+    if not is_loopback(host) and api_key is None:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     typer.echo(f"ernielab serve: model {name} on http://{host}:{port}/ (max batch {max_batch}, "
                f"queue {queue_size})", err=True)
