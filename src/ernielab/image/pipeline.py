@@ -185,43 +185,11 @@ class TextToImagePipeline:
         of 0/1 or None), "strength", "num_images_per_prompt", "negative_prompts" (one per prompt) and the
         checked embeddings ("prompt_embeds", "negative_prompt_embeds": (text [P, T, D], lens [P]) or None)."""
         cfg = self.config
-        if prompt_embeds is not None:
-            if prompt is not None:
-                raise ValueError("give prompt or prompt_embeds, not both")
-            embeds = _check_embeds("prompt_embeds", prompt_embeds, prompt_embeds_lens)
-            prompts = [""] * embeds[0].shape[0]
-        else:
-            if prompt is None:
-                raise ValueError("no prompts given (pass prompt or prompt_embeds)")
-            if prompt_embeds_lens is not None:
-                raise ValueError("prompt_embeds_lens needs prompt_embeds")
-            embeds = None
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("no prompts given")
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be strings")
+        prompts, embeds = _check_prompts(prompt, prompt_embeds, prompt_embeds_lens)
         negative = cfg.negative_prompt if negative_prompt is None else negative_prompt
-        if isinstance(negative, str):
-            negatives = [negative] * len(prompts)
-        elif isinstance(negative, Sequence) and all(isinstance(n, str) for n in negative):
-            negatives = list(negative)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt as a list needs one per prompt: {len(prompts)} prompts, "
-                                 f"{len(negatives)} negative prompts")
-        else:
-            raise ValueError(f"negative_prompt must be a string or a list of strings, got {type(negative).__name__}")
-        negative_embeds = None
-        if negative_prompt_embeds is not None:
-            if negative_prompt is not None:
-                raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
-            negative_embeds = _check_embeds("negative_prompt_embeds", negative_prompt_embeds,
-                                            negative_prompt_embeds_lens)
-            if negative_embeds[0].shape[0] not in (1, len(prompts)):
-                raise ValueError(f"negative_prompt_embeds must hold 1 or {len(prompts)} (one per prompt) rows, got "
-                                 f"{negative_embeds[0].shape[0]}")
-        elif negative_prompt_embeds_lens is not None:
-            raise ValueError("negative_prompt_embeds_lens needs negative_prompt_embeds")
+        negatives = _check_negatives(negative, len(prompts))
+        negative_embeds = _check_negative_embeds(negative_prompt, negative_prompt_embeds, negative_prompt_embeds_lens,
+                                                 len(prompts))
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
         _check_int("num_images_per_prompt", num_images_per_prompt, 1)
@@ -243,39 +211,11 @@ class TextToImagePipeline:
         steps = cfg.steps if num_inference_steps is None else num_inference_steps
         guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
         shift = cfg.shift if shift is None else shift
-        _check_int("num_inference_steps", steps, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed)
-        for name, side in (("height", height), ("width", width)):
-            _check_int(name, side, 1)
-            if side > MAX_SIDE:
-                raise ValueError(f"{name} must be at most {MAX_SIDE} pixels, got {side}")
-        latent_shape = tuple(self.latent_space.latent_shape(height, width))  # raises unless a multiple it can use
-        for name, value in (("guidance_scale", guidance_scale), ("shift", shift)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        latent_shape = self._check_sampling(height, width, steps, guidance_scale, shift, batch_size, seed)
         mask = None
         if images is not None:
-            if tuple(images.shape[2:]) != (height, width):
-                raise ValueError(f"image is {images.shape[2]}x{images.shape[3]} but the call draws {height}x{width} "
-                                 "(height x width); resize the image or leave height/width unset")
-            if strength is None:
-                strength = DEFAULT_STRENGTH
-            if (isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength)
-                    or not 0 < strength <= 1):
-                raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-            if img2img_start(steps, strength) >= steps:
-                raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or "
-                                 "num_inference_steps")
-            if mask_image is not None:
-                mask = mask_tensor(mask_image, (height, width), latent_shape[1:])
-                if mask.shape[0] not in (1, len(prompts)):
-                    raise ValueError(f"mask_image: give 1 mask or one per prompt ({len(prompts)}), got "
-                                     f"{mask.shape[0]}")
+            strength, mask = _check_init_image(images, mask_image, strength, height, width, steps, latent_shape,
+                                               len(prompts))
         n_images = len(prompts) * num_images_per_prompt
         if latents is not None:
             expected = (n_images, *latent_shape)
@@ -283,19 +223,32 @@ class TextToImagePipeline:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise ValueError(f"latents must be a tensor of shape {expected} ({n_images} images at "
                                  f"{height}x{width}), got {got}")
-        if embeds is not None or negative_embeds is not None:
-            dim = embeds[0].shape[-1] if embeds is not None else negative_embeds[0].shape[-1]
-            if negative_embeds is not None and embeds is not None and negative_embeds[0].shape[-1] != dim:
-                raise ValueError("prompt_embeds and negative_prompt_embeds have different widths")
-            expected_dim = self.transformer.config.text_in_dim
-            if dim != expected_dim:
-                raise ValueError(f"prompt embeddings are {dim} wide but the transformer takes {expected_dim}")
+        _check_embed_widths(embeds, negative_embeds, self.transformer.config.text_in_dim)
 
         return {"prompts": prompts, "negative_prompt": negative, "height": height, "width": width,
                 "num_inference_steps": steps, "guidance_scale": guidance_scale, "shift": shift,
                 "negative_prompts": negatives, "num_images_per_prompt": num_images_per_prompt, "image": images,
                 "mask": mask, "strength": 1.0 if images is None else float(strength), "prompt_embeds": embeds,
                 "negative_prompt_embeds": negative_embeds}
+
+    def _check_sampling(self, height, width, steps, guidance_scale, shift, batch_size, seed) -> tuple[int, ...]:
+        """Numbers of a call; -> the latent shape [C, h, w] (the latent space refuses sides it cannot use)."""
+        _check_int("num_inference_steps", steps, 1)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("seed", seed)
+        for name, side in (("height", height), ("width", width)):
+            _check_int(name, side, 1)
+            if side > MAX_SIDE:
+                raise ValueError(f"{name} must be at most {MAX_SIDE} pixels, got {side}")
+        latent_shape = tuple(self.latent_space.latent_shape(height, width))
+        for name, value in (("guidance_scale", guidance_scale), ("shift", shift)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        return latent_shape
 
     def encode_prompt(self, prompt: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text features (text [N, T, D] right-padded with zeros, float32 on the CPU; lens [N]) to pass back as
@@ -632,6 +585,85 @@ def _chunk_embeds(embeds: tuple[torch.Tensor, torch.Tensor], start: int, stop: i
     text, lens = embeds
     return pad_text([text[i, : int(lens[i])].float() for i in range(start, stop)], device=device, dtype=dtype)
 
+
+
+def _check_prompts(prompt, prompt_embeds, prompt_embeds_lens) -> tuple[list[str], tuple | None]:
+    """-> (prompts, checked embeddings or None); prompts are "" when drawn from embeddings."""
+    if prompt_embeds is not None:
+        if prompt is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        embeds = _check_embeds("prompt_embeds", prompt_embeds, prompt_embeds_lens)
+        prompts = [""] * embeds[0].shape[0]
+    else:
+        if prompt is None:
+            raise ValueError("no prompts given (pass prompt or prompt_embeds)")
+        if prompt_embeds_lens is not None:
+            raise ValueError("prompt_embeds_lens needs prompt_embeds")
+        embeds = None
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be strings")
+    return prompts, embeds
+
+
+def _check_negatives(negative, n_prompts: int) -> list[str]:
+    """One negative prompt per prompt, from a string or a list of them."""
+    if isinstance(negative, str):
+        return [negative] * n_prompts
+    if isinstance(negative, Sequence) and all(isinstance(n, str) for n in negative):
+        if len(negative) != n_prompts:
+            raise ValueError(f"negative_prompt as a list needs one per prompt: {n_prompts} prompts, "
+                             f"{len(negative)} negative prompts")
+        return list(negative)
+    raise ValueError(f"negative_prompt must be a string or a list of strings, got {type(negative).__name__}")
+
+
+def _check_negative_embeds(negative_prompt, embeds, lens, n_prompts: int) -> tuple | None:
+    if embeds is None:
+        if lens is not None:
+            raise ValueError("negative_prompt_embeds_lens needs negative_prompt_embeds")
+        return None
+    if negative_prompt is not None:
+        raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+    checked = _check_embeds("negative_prompt_embeds", embeds, lens)
+    if checked[0].shape[0] not in (1, n_prompts):
+        raise ValueError(f"negative_prompt_embeds must hold 1 or {n_prompts} (one per prompt) rows, got "
+                         f"{checked[0].shape[0]}")
+    return checked
+
+
+def _check_init_image(images: torch.Tensor, mask_image, strength, height: int, width: int, steps: int,
+                      latent_shape: tuple[int, ...], n_prompts: int) -> tuple[float, torch.Tensor | None]:
+    """img2img / inpainting inputs; -> (strength, latent-grid mask or None)."""
+    if tuple(images.shape[2:]) != (height, width):
+        raise ValueError(f"image is {images.shape[2]}x{images.shape[3]} but the call draws {height}x{width} "
+                         "(height x width); resize the image or leave height/width unset")
+    if strength is None:
+        strength = DEFAULT_STRENGTH
+    if (isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength)
+            or not 0 < strength <= 1):
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    if img2img_start(steps, strength) >= steps:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or "
+                         "num_inference_steps")
+    mask = None
+    if mask_image is not None:
+        mask = mask_tensor(mask_image, (height, width), latent_shape[1:])
+        if mask.shape[0] not in (1, n_prompts):
+            raise ValueError(f"mask_image: give 1 mask or one per prompt ({n_prompts}), got {mask.shape[0]}")
+    return strength, mask
+
+
+def _check_embed_widths(embeds, negative_embeds, text_in_dim: int) -> None:
+    if embeds is None and negative_embeds is None:
+        return
+    dim = embeds[0].shape[-1] if embeds is not None else negative_embeds[0].shape[-1]
+    if negative_embeds is not None and embeds is not None and negative_embeds[0].shape[-1] != dim:
+        raise ValueError("prompt_embeds and negative_prompt_embeds have different widths")
+    if dim != text_in_dim:
+        raise ValueError(f"prompt embeddings are {dim} wide but the transformer takes {text_in_dim}")
 
 def _check_int(name: str, value, minimum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
