@@ -21,6 +21,7 @@ from ernielab.image.config import ErnieImageConfig
 from ernielab.image.flow_matching import (TIMESTEP_SAMPLING, TIMESTEP_SCALE, add_noise, flow_matching_loss,
                                           sample_training_sigmas)
 from ernielab.image.latents import LatentSpaceConfig, build_latent_space
+from ernielab.image.lora import COMFYUI_WEIGHT_NAME, WEIGHT_NAME, LoraSettings, add_lora, save_lora, unload_lora
 from ernielab.image.pipeline import PipelineConfig, TextToImagePipeline
 from ernielab.image.text_encoder import TextEncoder, TextEncoderConfig
 from ernielab.image.transformer import ErnieImageTransformer
@@ -40,6 +41,7 @@ class TrainConfig(EngineSettings):
     timestep_shift: float = bounded(1.0, gt=0)
     init_from: str = ""  # fine-tune: start a fresh run from the weights of a pipeline or transformer folder
     gradient_checkpointing: bool = False
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)  # rank > 0: train a LoRA adapter only
 
 
 def pipeline_config(cfg: TrainConfig) -> PipelineConfig:
@@ -62,6 +64,8 @@ class Trainer(Task):
         config.validate()
         self.config = cfg = config
         self.accelerator = accelerator
+        if cfg.lora.enabled and type(self) is not Trainer:  # its hooks (model, export) are the plain Trainer's
+            raise ValueError(f"lora: LoRA training is done by ERNIE-Image's own trainer, not {type(self).__name__}")
         self.out = Path(cfg.output_dir)
         self.text_encoder = TextEncoder(cfg.text_encoder)
         self.latent_space = build_latent_space(cfg.latent)
@@ -85,7 +89,14 @@ class Trainer(Task):
         model.gradient_checkpointing = self.config.gradient_checkpointing
         if self.config.init_from:
             self.load_initial_weights(model, Path(self.config.init_from))
+        if self.config.lora.enabled:  # base frozen; only the adapter trains (docs/lora.md)
+            add_lora(model, self.config.lora)
         return model
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        if self.config.lora.enabled:
+            return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        return super().param_groups(model)
 
     @staticmethod
     def load_initial_weights(model: nn.Module, path: Path) -> None:
@@ -143,6 +154,12 @@ class Trainer(Task):
                                    pipeline_config(self.config))
 
     def export(self, model: nn.Module, run_dir: Path) -> Path:
+        if self.config.lora.enabled:  # the adapter, not the model: diffusers' format (and ComfyUI's on request)
+            out = run_dir / "lora"
+            save_lora(model, out / WEIGHT_NAME)
+            if self.config.lora.comfyui:
+                save_lora(model, out / COMFYUI_WEIGHT_NAME, format="comfyui")
+            return out
         out = run_dir / self.export_name
         self.shipped_pipeline(model).save_pretrained(out)
         return out
@@ -161,8 +178,12 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, checkpoint: str | Pa
         raise FileNotFoundError(f"no checkpoints in {run_dir}")
     modules = load_checkpoint(path)["modules"]
     model = ErnieImageTransformer(cfg.model)
+    if cfg.lora.enabled:  # a LoRA run's checkpoint: the adapter is fused into the base weights
+        add_lora(model, cfg.lora)
     state = modules["ema"] if use_ema and "ema" in modules else modules["model"]
     model.load_state_dict_checked({k: v.to(torch.float32) for k, v in state.items()})
+    if cfg.lora.enabled:
+        unload_lora(model, fuse=True)
     out = Path(out)
     model.save_pretrained(out / "transformer", dtype=dtype)
     pipeline_config(cfg).save(out / "pipeline.json")
