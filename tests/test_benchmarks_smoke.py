@@ -28,7 +28,8 @@ SMOKE = {  # script -> its smoke arguments
     "vilg_ablation": ["--smoke"],
 }
 COVERED_ELSEWHERE = ("unified_", "sparse_")
-NOT_HERE = {"serve_load"}  # starts three server processes (~35 s); scripts/smoke_benchmarks.sh runs it
+NOT_HERE = {"serve_load",  # starts three server processes (~35 s); scripts/smoke_benchmarks.sh runs it
+            "gpu_image"}  # tests/image/test_gpu_benchmark_smoke.py runs its smoke mode
 # what each smoke run writes (relative to its working folder); the others only print
 REPORTS = {
     "aesthetic": "outputs/aesthetic_benchmark_smoke/results.json",

@@ -71,7 +71,14 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
              mask: Optional[Path] = typer.Option(None, "--mask", help="with --image: inpainting mask, white = "
                                                  "repaint, black = keep (the image's size)"),
              n_per_prompt: int = typer.Option(1, "--n-per-prompt", help="images per prompt; image i of prompt p "
-                                              "uses seed + p * N + i")):
+                                              "uses seed + p * N + i"),
+             loras: Optional[list[str]] = typer.Option(None, "--lora", metavar="FILE[:SCALE]",
+                                                       help="apply a LoRA file (diffusers, peft, ComfyUI, kohya...) "
+                                                       "at weight SCALE (default 1.0); repeat for several"),
+             quantize_mode: Optional[str] = typer.Option(None, "--quantize", metavar="int8|fp8",
+                                                         help="quantize the transformer's weights with torchao "
+                                                         "(fp8: GPUs of compute capability >= 8.9 only, or where "
+                                                         "torchao runs it)")):
     """Generate images. One prompt -> one PNG (with --n-per-prompt N: OUTPUT_0.png ... OUTPUT_{N-1}.png);
     --prompts FILE -> DIR/0000.png ... (prompt-major) and DIR/grid.png."""
     from ernielab.enhancer.model import PromptEnhancer
@@ -90,9 +97,17 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
         raise UserError(f"--strength must be in (0, 1], got {strength}")
     if n_per_prompt < 1:
         raise UserError(f"--n-per-prompt must be >= 1, got {n_per_prompt}")
+    lora_specs = [_parse_lora(spec) for spec in loras or []]
+    if quantize_mode is not None and quantize_mode not in ("int8", "fp8"):
+        raise UserError(f"--quantize must be int8 or fp8, got {quantize_mode!r}")
     init_image = _read_image(image, "--image", "RGB") if image is not None else None
     mask_image = _read_image(mask, "--mask", "L") if mask is not None else None
     pipe = TextToImagePipeline.from_pretrained(model)
+    _apply_loras(pipe, lora_specs, fuse=quantize_mode is not None)
+    if quantize_mode is not None:
+        from ernielab.image.quant import quantize
+
+        quantize(pipe, quantize_mode)
     prompt_enhancer = None
     if enhancer is not None:
         prompt_enhancer = PromptEnhancer.from_pretrained(enhancer)
@@ -137,6 +152,43 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
         (out / "prompts.txt").write_text("".join(r + "\n" for r in revised))
     (out / "prompts.json").write_text(json.dumps(record, indent=2))
     typer.echo(f"{len(images)} images in {out}")
+
+
+def _parse_lora(spec: str) -> tuple[Path, float]:
+    """`FILE[:SCALE]` -> (an existing file or folder, scale). A trailing `:number` is the scale."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            pass  # a ':' inside the path itself
+    if not Path(path).exists():
+        raise UserError(f"--lora {spec}: no LoRA file at {path}")
+    return Path(path), scale
+
+
+def _apply_loras(pipe, specs: list[tuple[Path, float]], fuse: bool = False) -> None:
+    """Load each LoRA (a file for another model or with unknown keys is a ValueError: one error line, before
+    sampling) and make them all active with their scales; `fuse` adds them into the weights and drops the adapter
+    layers (needed before quantizing)."""
+    if not specs:
+        return
+    from safetensors import SafetensorError
+
+    from ernielab.image import lora
+
+    names = []
+    for i, (path, scale) in enumerate(specs):
+        try:
+            names.append(lora.load_lora(pipe, path, adapter_name=f"lora_{i}", scale=scale))
+        except (ValueError, OSError, SafetensorError) as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            raise UserError(f"--lora: {message}" if str(path) in message else f"--lora {path}: {message}") from None
+    lora.set_adapters(pipe, names, [scale for _, scale in specs])
+    if fuse:
+        lora.unload_lora(pipe, fuse=True)
 
 
 def _read_image(path: Path, option: str, mode: str):
