@@ -227,6 +227,9 @@ def _mount_families() -> None:
     from ernielab.serve.cli import serve
 
     app.command("serve")(serve)
+    from ernielab.corpus.cli import app as data_app
+
+    app.add_typer(data_app, name="data", help="Corpus toolchain: scan, dedupe, categorize, caption, score, sample")
 
 
 _mount_families()
