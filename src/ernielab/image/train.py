@@ -15,15 +15,18 @@ from torch import nn
 
 from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint
 from ernielab.core.config import bounded
+from ernielab.core.ema import EMA
 from ernielab.core.engine import Engine, EngineSettings, Task
 from ernielab.core.seeding import generator
+from ernielab.image.buckets import BucketSampler, assign_buckets, make_buckets
+from ernielab.image.caches import FeatureCache
 from ernielab.image.config import ErnieImageConfig
 from ernielab.image.flow_matching import (TIMESTEP_SAMPLING, TIMESTEP_SCALE, add_noise, flow_matching_loss,
                                           sample_training_sigmas)
 from ernielab.image.latents import LatentSpaceConfig, build_latent_space
 from ernielab.image.lora import COMFYUI_WEIGHT_NAME, WEIGHT_NAME, LoraSettings, add_lora, save_lora, unload_lora
 from ernielab.image.pipeline import PipelineConfig, TextToImagePipeline
-from ernielab.image.text_encoder import TextEncoder, TextEncoderConfig
+from ernielab.image.text_encoder import TextEncoder, TextEncoderConfig, pad_text
 from ernielab.image.transformer import ErnieImageTransformer
 from ernielab.worlds.registry import DataConfig, build_dataset, collate
 
@@ -42,6 +45,26 @@ class TrainConfig(EngineSettings):
     init_from: str = ""  # fine-tune: start a fresh run from the weights of a pipeline or transformer folder
     gradient_checkpointing: bool = False
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)  # rank > 0: train a LoRA adapter only
+    # Fine-tuning on a folder (docs/finetune.md); all off by default.
+    cache_dir: str = ""  # folder data: latents + caption features encoded once to this folder, then read back
+    buckets: bool = False  # folder data: aspect-ratio buckets of about image_size**2 pixels instead of squares
+    bucket_max_ratio: float = bounded(2.0, ge=1)  # the most elongated bucket (long side / short side)
+    validation_prompts: list[str] = dataclasses.field(default_factory=list)  # a contact sheet every N steps
+    validation_every: int = bounded(0, ge=0)  # 0 = no validation sheets
+    validation_steps: int = bounded(0, ge=0)  # sampling steps of a sheet; 0 = sampling.steps
+    validation_seed: int = 0
+
+    def check(self) -> None:
+        if (self.cache_dir or self.buckets) and self.data.kind != "folder":
+            raise ValueError(f"cache_dir and buckets need data.kind 'folder' (image files to key and measure), "
+                             f"not {self.data.kind!r}")
+        if self.validation_every and not self.validation_prompts:
+            raise ValueError("validation_every > 0 needs validation_prompts")
+
+
+# Fields that may change when a run resumes: where the cache lives and how validation is shown, not what is learned.
+FINETUNE_RESUMABLE = frozenset({"cache_dir", "validation_prompts", "validation_every", "validation_steps",
+                                "validation_seed"})
 
 
 def pipeline_config(cfg: TrainConfig) -> PipelineConfig:
@@ -59,6 +82,7 @@ class Trainer(Task):
     """Flow matching on an image-caption dataset; `train()` runs it through the engine and ships a pipeline."""
 
     export_name = "pipeline"
+    resumable_changes = FINETUNE_RESUMABLE
 
     def __init__(self, config: TrainConfig, accelerator=None):
         config.validate()
@@ -66,12 +90,23 @@ class Trainer(Task):
         self.accelerator = accelerator
         if cfg.lora.enabled and type(self) is not Trainer:  # its hooks (model, export) are the plain Trainer's
             raise ValueError(f"lora: LoRA training is done by ERNIE-Image's own trainer, not {type(self).__name__}")
+        finetune = [name for name, on in (("cache_dir", cfg.cache_dir), ("buckets", cfg.buckets),
+                                          ("validation_every", cfg.validation_every)) if on]
+        if finetune and type(self) is not Trainer:  # its batch and after-step hooks are the plain Trainer's
+            raise ValueError(f"{finetune[0]}: used by ERNIE-Image's own trainer only, not {type(self).__name__}")
         self.out = Path(cfg.output_dir)
         self.text_encoder = TextEncoder(cfg.text_encoder)
         self.latent_space = build_latent_space(cfg.latent)
         self.check_shapes()
         self.dataset = build_dataset(cfg.data)
         self.model: nn.Module | None = None
+        self.sampler: BucketSampler | None = None  # aspect-ratio buckets, when on
+        self.cache: FeatureCache | None = None  # latents and caption features on disk, when on
+        self.ema: EMA | None = None
+        if cfg.buckets:
+            multiple = self.latent_space.downsample * cfg.model.patch_size
+            buckets = make_buckets(cfg.data.image_size ** 2, multiple, cfg.bucket_max_ratio)
+            self.sampler = BucketSampler(assign_buckets(self.dataset.sizes(), buckets), buckets)
 
     def train(self) -> dict:
         return Engine(self, self.accelerator).fit()
@@ -82,7 +117,30 @@ class Trainer(Task):
         self.rank = self.accelerator.process_index
         self.latent_space.to(self.accelerator.device)
         self.model = self.build_model()
+        if self.config.cache_dir:
+            self.build_cache()
         return {"model": self.model}
+
+    def item_sizes(self) -> list[tuple[int, int]]:
+        """The (height, width) each dataset item is trained at: its bucket's, or the square image_size."""
+        if self.sampler is not None:
+            return [self.sampler.buckets[b] for b in self.sampler.assignment]
+        return [(self.config.data.image_size,) * 2] * len(self.dataset)
+
+    def build_cache(self) -> None:
+        """The main process encodes what the cache lacks; every process then keys the items the same way."""
+        self.cache = FeatureCache(self.config.cache_dir, self.latent_space, self.text_encoder)
+        if self.accelerator.is_main_process:
+            made = self.cache.build(self.dataset, self.item_sizes(), self.accelerator.device)
+            print(f"cache {self.config.cache_dir}: {made['latents']} latents and {made['texts']} captions encoded, "
+                  f"{made['reused']} entries reused")
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            self.cache.index(self.dataset, self.item_sizes())
+
+    def make_ema(self, model: nn.Module) -> EMA:
+        self.ema = super().make_ema(model)  # validation sheets show the EMA weights when they are kept
+        return self.ema
 
     def build_model(self) -> nn.Module:
         model = ErnieImageTransformer(self.config.model)
@@ -122,18 +180,29 @@ class Trainer(Task):
     def batch(self, step: int, micro: int) -> dict:
         cfg = self.config
         k = step * cfg.grad_accum + micro
-        items = collate([self.dataset[i] for i in batch_indices(len(self.dataset), cfg.batch_size, cfg.seed, k,
-                                                                 self.rank)])
+        if self.sampler is None:
+            size, indices = None, batch_indices(len(self.dataset), cfg.batch_size, cfg.seed, k, self.rank)
+        else:
+            size, indices = self.sampler.draw(cfg.batch_size, cfg.seed, k, self.rank)
+        if self.cache is not None:
+            items = {"x0": self.cache.latents(indices), "caption": [self.dataset.records[i].caption for i in indices]}
+        elif size is not None:
+            items = collate([self.dataset.item(i, *size) for i in indices])
+        else:
+            items = collate([self.dataset[i] for i in indices])
         return self.prepare_batch(items, self.generator(step, micro))
 
     def prepare_batch(self, batch: dict, g: torch.Generator) -> dict:
         """Latents, noise, noise levels and text features for one micro-batch."""
         cfg, device = self.config, self.accelerator.device
-        x0 = self.latent_space.encode(batch["image"].to(device))
+        x0 = batch["x0"].to(device) if "x0" in batch else self.latent_space.encode(batch["image"].to(device))
         captions = list(batch["caption"])
         drop = torch.rand(len(captions), generator=g) < cfg.cfg_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        text, lens = self.text_encoder(captions, device=device)
+        if self.cache is not None:  # the features the encoder returned when the cache was built
+            text, lens = pad_text(self.cache.text(captions), device=device)
+        else:
+            text, lens = self.text_encoder(captions, device=device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         sigmas = sample_training_sigmas(len(x0), g, cfg.timestep_sampling, cfg.timestep_shift, device)
         return {**batch, "x0": x0, "noise": noise, "sigmas": sigmas, "text": text, "text_lens": lens,
@@ -146,6 +215,38 @@ class Trainer(Task):
         xt = add_noise(inputs["x0"], inputs["noise"], inputs["sigmas"])
         pred = model(xt, inputs["sigmas"] * TIMESTEP_SCALE, inputs["text"], inputs["text_lens"])
         return flow_matching_loss(pred, inputs["x0"], inputs["noise"]).mean()
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        done = step + 1
+        cfg = self.config
+        if cfg.validation_every and done % cfg.validation_every == 0 and self.accelerator.is_main_process:
+            self.render_validation(self.accelerator.unwrap_model(model), done)
+        return {}
+
+    @torch.no_grad()
+    def render_validation(self, model: nn.Module, step: int) -> Path:
+        """`validation_prompts` drawn with the current weights (the EMA's when kept) at a fixed seed, as one
+        contact sheet RUN/validation/step-XXXXXXX.png. Touches no training state and no global RNG."""
+        import copy
+
+        from ernielab.core.images import save_grid
+
+        cfg = self.config
+        if self.ema is not None:
+            shown = copy.deepcopy(model)
+            self.ema.copy_to(shown)
+        else:
+            shown = model
+        training = shown.training
+        try:
+            with torch.random.fork_rng(devices=[]):  # sampling leaves the global RNG as it was
+                pipe = TextToImagePipeline(shown.eval(), self.text_encoder, self.latent_space, pipeline_config(cfg))
+                images = pipe(list(cfg.validation_prompts), num_inference_steps=cfg.validation_steps or None,
+                              seed=cfg.validation_seed, output_type="pt").images
+        finally:
+            shown.train(training)
+        return save_grid(list(images), self.out / "validation" / f"step-{step:07d}.png",
+                         captions=list(cfg.validation_prompts))
 
     # ---- what the run ships ------------------------------------------------------------------
     def shipped_pipeline(self, model: nn.Module) -> TextToImagePipeline:
@@ -188,3 +289,32 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, checkpoint: str | Pa
     model.save_pretrained(out / "transformer", dtype=dtype)
     pipeline_config(cfg).save(out / "pipeline.json")
     return out
+
+
+@torch.no_grad()
+def heldout_loss(pipeline: str | Path, data: DataConfig | None = None, n: int = 512, seed: int = 0,
+                 batch_size: int = 64) -> dict[str, float]:
+    """Flow-matching loss of a saved pipeline on a fixed held-out set: n items of `data` (default: the shapes
+    world's val split at the pipeline's size), noise seeded by `seed`, and sigmas spread evenly over (0, 1)
+    (item i at (i + 0.5) / n) whatever timestep sampling the model was trained with, so runs trained with
+    different samplings are scored alike. -> {"loss", "loss_low", "loss_mid", "loss_high"} (sigma thirds)."""
+    pipe = TextToImagePipeline.from_pretrained(pipeline)
+    data = data or DataConfig(kind="shapes", split="val", image_size=pipe.config.height)
+    dataset = build_dataset(data)
+    g = generator("heldout", seed)
+    indices = torch.randperm(len(dataset), generator=g)[:n].tolist() if len(dataset) < 10**6 else \
+        torch.randint(len(dataset), (n,), generator=g).tolist()
+    sigmas_all = (torch.arange(len(indices), dtype=torch.float32) + 0.5) / len(indices)
+    losses = []
+    for start in range(0, len(indices), batch_size):
+        items = collate([dataset[i] for i in indices[start:start + batch_size]])
+        x0 = pipe.latent_space.encode(items["image"])
+        noise = torch.randn(x0.shape, generator=g)
+        sigmas = sigmas_all[start:start + len(x0)]
+        text, lens = pipe.text_encoder(list(items["caption"]))
+        pred = pipe.transformer(add_noise(x0, noise, sigmas), sigmas * TIMESTEP_SCALE, text, lens)
+        losses.append(flow_matching_loss(pred, x0, noise))
+    per = torch.cat(losses)
+    thirds = torch.tensor_split(per, 3)
+    return {"loss": per.mean().item(), "loss_low": thirds[0].mean().item(), "loss_mid": thirds[1].mean().item(),
+            "loss_high": thirds[2].mean().item()}

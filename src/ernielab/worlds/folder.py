@@ -91,6 +91,30 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def resize_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale to cover height x width (aspect kept), then the central height x width crop (aspect buckets)."""
+    scale = max(width / image.width, height / image.height)
+    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (w - width) // 2, (h - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image as `load_rgb` returns it (EXIF rotation applied), read from its header."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            width, height = height, width
+    return height, width
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """float32 [3, H, W] in [-1, 1]."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
+    return pixels.permute(2, 0, 1).contiguous()
+
+
 class ImageCaptionFolder(Dataset):
     """Items: {"image": float32 [3, S, S] in [-1, 1], "caption": str} from a .jsonl file or a folder.
 
@@ -132,5 +156,23 @@ class ImageCaptionFolder(Dataset):
             image = resize_center_crop(load_rgb(record.image), self.image_size)
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{record.where}: cannot read image {record.image}: {e}") from None
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
-        return {"image": pixels.permute(2, 0, 1).contiguous(), "caption": record.caption}
+        return {"image": to_tensor(image), "caption": record.caption}
+
+    def item(self, i: int, height: int, width: int) -> dict:
+        """Item i resized to cover height x width and centre-cropped to it (an aspect-ratio bucket)."""
+        record = self.records[i]
+        try:
+            image = resize_crop(load_rgb(record.image), height, width)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{record.where}: cannot read image {record.image}: {e}") from None
+        return {"image": to_tensor(image), "caption": record.caption}
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image, EXIF rotation applied (headers only)."""
+        sizes = []
+        for record in self.records:
+            try:
+                sizes.append(oriented_size(record.image))
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"{record.where}: cannot read image {record.image}: {e}") from None
+        return sizes
