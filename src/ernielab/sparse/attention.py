@@ -28,18 +28,27 @@ from ernielab.core.layers.attention import SelfAttention
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     """Softmax attention; key_valid is bool (True = attend) broadcastable to the scores [..., Lq, Lk].
 
-    Masked keys get the most negative finite bias rather than -inf, so a query that sees no valid key
-    (a padding query) yields a finite average instead of NaNs that would poison the backward pass.
+    No mask is passed when every key is valid, so SDPA may pick the flash / memory-efficient kernel
+    (an explicit mask rules flash out). With padding, a boolean mask is passed while every query sees
+    at least one valid key; otherwise masked keys get the most negative finite bias rather than -inf,
+    so a query that sees no valid key (a padding query) yields a finite average instead of NaNs that
+    would poison the backward pass. The three forms give the same outputs wherever they overlap.
     """
-    bias = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device)
-    bias = bias.masked_fill(~key_valid, torch.finfo(q.dtype).min)
+    if bool(key_valid.all()):
+        mask = None
+    elif bool(key_valid.any(-1).all()):
+        mask = key_valid
+    else:
+        mask = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~key_valid, torch.finfo(q.dtype).min)
     if q.ndim <= 4:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     # Fused kernels take [batch, heads, L, D]: fold the block dims into the batch so blocks run through
     # the flash kernel (no stored scores) instead of the unfused path.
     lead = q.shape[:-2]
-    bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, 1, *bias.shape[-2:])
-    out = F.scaled_dot_product_attention(*(t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v)), attn_mask=bias)
+    if mask is not None:
+        mask = mask.expand(*lead, *mask.shape[-2:]).reshape(-1, 1, *mask.shape[-2:])
+    out = F.scaled_dot_product_attention(*(t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v)), attn_mask=mask)
     return out.reshape(*lead, *out.shape[-2:])
 
 
@@ -154,6 +163,84 @@ def segment_attention(
     return out.squeeze(3)
 
 
+ATTENTION_IMPLS = ("sdpa", "flex")
+_compiled_flex: Callable | None = None
+
+
+def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """torch's FlexAttention: compiled (the fused block-sparse Triton kernel) on CUDA, eager elsewhere.
+
+    Eager FlexAttention builds the full scores (a reference, for tests on the CPU); only the compiled
+    kernel skips the blocks the BlockMask leaves out.
+    """
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def hst_broadcast_block_mask(
+    valid: torch.Tensor, num_reps: int, block_size: int, window: int, sparse_block: int | None = None
+):
+    """BlockMask of HST's token step: query token t (block t // b) sees the valid tokens of blocks
+    t//b - w .. t//b + w and all `num_reps` representatives.
+
+    Keys are laid out [sequence (n); representatives (g)], so sequence blocks line up with the
+    BlockMask's blocks. `sparse_block` (default block_size; a multiple of it, e.g. 128 for the CUDA
+    kernel's tiles) is the BlockMask's granularity: a coarse block is listed when any of its HST blocks
+    is. The table is built from the [n/b, n/b] block adjacency (no n x n mask is evaluated); the
+    mask_mod is exact: it drops out-of-window and padded keys inside the listed blocks.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, n = valid.shape
+    sparse_block = sparse_block or block_size
+    if n % block_size or sparse_block % block_size:
+        raise ValueError(f"length {n} and sparse_block {sparse_block} must be multiples of block size {block_size}")
+    nb, c, device = n // block_size, sparse_block // block_size, valid.device
+    q_blocks, seq_blocks = -(-n // sparse_block), -(-n // sparse_block)
+    kv_blocks = -(-(n + num_reps) // sparse_block)
+    ids = torch.arange(nb, device=device)
+    near = (ids[:, None] - ids[None, :]).abs() <= window  # HST block adjacency (window)
+    near = F.pad(near, (0, seq_blocks * c - nb, 0, q_blocks * c - nb))
+    adjacency = torch.zeros(q_blocks, kv_blocks, dtype=torch.bool, device=device)
+    adjacency[:, :seq_blocks] = near.view(q_blocks, c, seq_blocks, c).any(3).any(1)
+    adjacency[:, n // sparse_block:] = True  # blocks holding representative keys
+    # listed blocks first (ascending ids), then unused slots; the table's width is the key block count
+    table = torch.sort(adjacency.to(torch.int8), dim=1, descending=True, stable=True).indices
+    counts = adjacency.sum(1)
+    key_valid = torch.cat([valid, valid.new_ones(batch, num_reps)], dim=1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        close = (q_idx // block_size - kv_idx // block_size).abs() <= window
+        return (close | (kv_idx >= n)) & key_valid[b, kv_idx]
+
+    return BlockMask.from_kv_blocks(
+        counts[None, None].to(torch.int32), table[None, None].to(torch.int32),
+        BLOCK_SIZE=sparse_block, mask_mod=mask_mod, seq_lengths=(n, n + num_reps),
+    )
+
+
+def hst_gather_block_mask(valid: torch.Tensor, num_reps: int, block_size: int, segment_len: int):
+    """BlockMask of HST's gather step: representative j sees every representative and the valid tokens
+    of its segment [j*L, (j+1)*L). Keys are laid out [sequence (n); representatives (g)]. The g queries
+    span few query blocks, so this mask is built by evaluating mask_mod (O(g * n))."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, n = valid.shape
+    key_valid = torch.cat([valid, valid.new_ones(batch, num_reps)], dim=1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((kv_idx >= n) | (kv_idx // segment_len == q_idx)) & key_valid[b, kv_idx]
+
+    return create_block_mask(mask_mod, batch, None, num_reps, n + num_reps, device=valid.device,
+                             BLOCK_SIZE=block_size)
+
+
 class SparseSelfAttention(SelfAttention):
     """SelfAttention projections (and QK norm) run under dense, BigBird or hierarchical (HST) topologies.
 
@@ -172,10 +259,16 @@ class SparseSelfAttention(SelfAttention):
         dropout: float = 0.0,
         seed: int = 0,
         max_blocks: int = 1,
+        attention_impl: str = "sdpa",
     ):
         super().__init__(dim, num_heads, qk_norm=qk_norm)
         if block_size < 1 or window < 0 or num_random_blocks < 0:
             raise ValueError("block_size must be >= 1, window and num_random_blocks >= 0")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+        # "sdpa": gathered key blocks through scaled_dot_product_attention (the default);
+        # "flex": HST's sparse topology as a FlexAttention BlockMask (same outputs; compiled on CUDA)
+        self.attention_impl = attention_impl
         self.block_size = block_size
         self.window = window
         self.num_random_blocks = num_random_blocks
@@ -236,9 +329,14 @@ class SparseSelfAttention(SelfAttention):
         qs, ks, vs = self.qkv(norm(seq))
         qr, kr, vr = self.qkv(norm(reps))
         g = reps.shape[1]
+        flex = self.attention_impl == "flex" and not dense
         if dense:
             all_valid = torch.cat([valid.new_ones(valid.shape[0], g), valid], dim=1)
             gathered = masked_attention(qr, torch.cat([kr, ks], 2), torch.cat([vr, vs], 2), all_valid[:, None, None])
+        elif flex:
+            seg_len = self.segment_len(seq.shape[1] // self.block_size, g)
+            mask = hst_gather_block_mask(valid, g, self.block_size, seg_len)
+            gathered = flex_attention_call(qr, torch.cat([ks, kr], 2), torch.cat([vs, vr], 2), mask)
         else:
             seg_len = self.segment_len(seq.shape[1] // self.block_size, g)
             gathered = segment_attention(qr, kr, vr, ks, vs, valid, seg_len)
@@ -247,6 +345,11 @@ class SparseSelfAttention(SelfAttention):
         _, kr, vr = self.qkv(norm(reps))
         if dense:
             out = masked_attention(qs, torch.cat([kr, ks], 2), torch.cat([vr, vs], 2), all_valid[:, None, None])
+        elif flex:
+            # the CUDA kernel's tiles are 128 tokens: coarsen the BlockMask to a multiple of 128 there
+            sparse = math.lcm(self.block_size, 128) if seq.is_cuda else self.block_size
+            mask = hst_broadcast_block_mask(valid, g, self.block_size, self.window, sparse)
+            out = flex_attention_call(qs, torch.cat([ks, kr], 2), torch.cat([vs, vr], 2), mask)
         else:
             index = self.block_index(seq.shape[1] // self.block_size, seq.device, random=False)
             out = block_sparse_attention(qs, ks, vs, valid, self.block_size, index, kr, vr)
