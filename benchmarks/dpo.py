@@ -4,9 +4,10 @@
    dropped, count prompts cannot be: there are only 36 of them), K candidates each from the bundled model
    with `--pair-steps` Euler steps (fewer than the 50 used for evaluation, to save time), judged by the
    alignment checker; noise seeds start at 1,000,000 so no candidate shares noise with an evaluation image.
-2. variants, each `--dpo-steps` steps from the bundled model: "stabilized" (defaults: beta 0.05,
-   lambda_win 0.35, lambda_lose 0.15, anchors in reward units), "raw_anchors" (the same lambdas on raw
-   errors) and "plain" (both lambdas 0, i.e. Diffusion-DPO alone).
+2. variants, each `--dpo-steps` steps from the bundled model on the same pairs, seed, batch and lr (beta 0.05,
+   lambda_win 0.35, lambda_lose 0.15): "report" (the default loss: the report's lambda_win err_w +
+   lambda_lose err_l), "hinge" (the earlier default, anchors x beta_eff; "stabilized" is its old name),
+   "raw_anchors" (the hinge's anchors on raw errors) and "plain" (Diffusion-DPO alone).
 3. evaluation of base and each variant with the model's sampling defaults (CFG 4, shift 1; 50 steps unless
    `--eval-steps`):
    alignment on `--n-align` count and relation prompts (make_prompts seed 0, image seeds 100000 + i, as
@@ -42,8 +43,12 @@ from ernielab.worlds.shapes import make_prompts
 
 EVAL_KINDS = ("count", "relation")
 PAIR_NOISE_SEED = 1_000_000
-VARIANTS = {"stabilized": {}, "raw_anchors": {"anchors_in_reward_units": False},
-            "plain": {"lambda_win": 0.0, "lambda_lose": 0.0}}
+# every variant: the same pairs file, seed, steps, batch and lr; only the loss differs
+VARIANTS = {"report": {"loss": "report"},  # the ERNIE-Image report's stabilized DPO (the default)
+            "hinge": {"loss": "hinge"},  # the earlier default (anchors x beta_eff, hinge on the rejected side)
+            "stabilized": {"loss": "hinge"},  # the 2026-11-24 name of "hinge" (benchmarks/results/dpo)
+            "raw_anchors": {"loss": "hinge", "anchors_in_reward_units": False},
+            "plain": {"loss": "plain"}}  # Diffusion-DPO alone (= the old lambdas 0: the same numbers)
 
 
 def pair_prompts(n_per_kind: int, n_eval: int) -> list[str]:
@@ -76,7 +81,7 @@ def train_variant(args, name: str, pairs: Path, out: Path) -> dict:
     logged = [r for r in records if "loss" in r]
     last = logged[-max(1, len(logged) // 10):]  # last ~10% of logs
     keys = ("loss", "dpo", "err_w", "err_l", "delta_w", "delta_l", "reward_margin", "reward_acc")
-    return {"config": {"beta": settings.beta, "beta_eff": settings.beta_eff, "lambda_win": settings.lambda_win,
+    return {"config": {"loss": settings.loss, "beta": settings.beta, "beta_eff": settings.beta_eff, "lambda_win": settings.lambda_win,
                        "lambda_lose": settings.lambda_lose,
                        "anchors_in_reward_units": settings.anchors_in_reward_units, "steps": args.dpo_steps,
                        "batch_pairs": args.batch, "lr": args.lr},
@@ -130,7 +135,7 @@ def add_aesthetic(args, model_dir: Path, report: dict, report_file: Path) -> dic
 
 
 SMOKE = dict(results="outputs/benchmarks/dpo_smoke", pair_prompts=2, candidates=4, pair_steps=2, dpo_steps=2,
-             batch=2, n_align=1, n_fid=2, eval_steps=2, variants="stabilized")
+             batch=2, n_align=1, n_fid=2, eval_steps=2, variants="report")
 
 
 def main(argv=None) -> None:
@@ -149,7 +154,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-align", type=int, default=100)
     parser.add_argument("--n-fid", type=int, default=200)
     parser.add_argument("--eval-steps", type=int, default=None, help="default: the model's 50")
-    parser.add_argument("--variants", default="stabilized,raw_anchors,plain")
+    parser.add_argument("--variants", default="report,hinge,plain", help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--aesthetic", default="", help="'default' or a scorer folder: also report its mean score")
     parser.add_argument("--smoke", action="store_true",

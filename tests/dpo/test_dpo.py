@@ -68,9 +68,91 @@ def assert_same_optimizer_state(a: dict, b: dict):
 
 
 # ---- the loss -------------------------------------------------------------------------------------
+def old_stabilized_loss(err_w, err_l, ref_w, ref_l, beta_eff=50.0, lambda_win=0.35, lambda_lose=0.15,
+                        reward_units=True):
+    """A verbatim copy of the pre-"report" `dpo_loss` expression: loss="hinge" must keep these numbers."""
+    import torch.nn.functional as F
+
+    delta_w, delta_l = err_w - ref_w, err_l - ref_l
+    margin = -beta_eff * (delta_w - delta_l)
+    dpo = -F.logsigmoid(margin)
+    anchor_lose = F.relu(delta_l)
+    if reward_units:
+        anchors = beta_eff * (lambda_win * delta_w + lambda_lose * anchor_lose)
+    else:
+        anchors = lambda_win * err_w + lambda_lose * anchor_lose
+    return (dpo + anchors).mean()
+
+
+def test_default_is_the_report_loss():
+    s = DPOSettings()
+    assert (s.loss, s.beta, s.lambda_win, s.lambda_lose) == ("report", 0.05, 0.35, 0.15)
+    with pytest.raises(ConfigError, match="dpo.loss: must be one of"):
+        DPOTrainConfig.from_dict({"init_from": "default", "dpo": {"pairs": "p.jsonl", "loss": "sigmoid"}})
+
+
+@pytest.mark.parametrize("beta_scale", [1000.0, 1.0])
+def test_report_loss_matches_hand_computation(beta_scale):
+    """L = -log sigma(-beta (Diff_policy - Diff_ref)) + lambda_win l_win + lambda_lose l_lose, l = the policy's
+    errors, the lambda terms NOT scaled by beta (beta_scale 1: the report's beta literally)."""
+    s = DPOSettings(beta_scale=beta_scale)  # loss "report", beta 0.05, lambdas 0.35 / 0.15: the defaults
+    err_w, err_l = torch.tensor([0.10, 0.20]), torch.tensor([0.30, 0.10])
+    ref_w, ref_l = torch.tensor([0.12, 0.20]), torch.tensor([0.29, 0.15])
+    loss, stats = dpo_loss(err_w, err_l, ref_w, ref_l, s)
+    beta = 0.05 * beta_scale
+    expected = []
+    for ew, el, rw, rl in zip(err_w.tolist(), err_l.tolist(), ref_w.tolist(), ref_l.tolist()):
+        diff_policy, diff_ref = ew - el, rw - rl
+        x = -beta * (diff_policy - diff_ref)
+        expected.append(-math.log(1 / (1 + math.exp(-x))) + 0.35 * ew + 0.15 * el)
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    # by hand, beta_scale 1000: pair 0 x = +1.5, pair 1 x = -2.5
+    if beta_scale == 1000.0:
+        by_hand = (math.log1p(math.exp(-1.5)) + 0.035 + 0.045 + math.log1p(math.exp(2.5)) + 0.07 + 0.015) / 2
+        assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+        assert stats["reward_margin"].item() == pytest.approx(-0.5, rel=1e-5)
+    else:  # the literal beta on per-element mean errors: the DPO term is ~log 2
+        assert stats["dpo"].item() == pytest.approx(math.log(2), abs=2e-3)
+
+
+def test_report_loss_gradient_signs():
+    """Lowering err_w lowers the loss (d/d err_w > 0); the DPO term wants err_l up, the lambda_lose term down."""
+    s = DPOSettings()
+    err_w, err_l = torch.tensor([0.10], requires_grad=True), torch.tensor([0.35], requires_grad=True)
+    loss, _ = dpo_loss(err_w, err_l, torch.tensor([0.12]), torch.tensor([0.30]), s)
+    loss.backward()
+    sig = torch.sigmoid(torch.tensor(-3.5)).item()  # sigmoid(-margin), margin = -50 * (-0.02 - 0.05)
+    assert err_w.grad.item() == pytest.approx(50 * sig + 0.35, rel=1e-5) and err_w.grad.item() > 0
+    assert err_l.grad.item() == pytest.approx(-50 * sig + 0.15, rel=1e-5)
+    lower, _ = dpo_loss(torch.tensor([0.09]), torch.tensor([0.35]), torch.tensor([0.12]), torch.tensor([0.30]), s)
+    assert lower.item() < loss.item()
+    # at a saturated margin only the report's SFT terms remain: both errors are pulled down
+    err_w, err_l = torch.tensor([0.0], requires_grad=True), torch.tensor([1.0], requires_grad=True)
+    dpo_loss(err_w, err_l, torch.tensor([0.5]), torch.tensor([0.5]), s)[0].backward()
+    assert err_w.grad.item() == pytest.approx(0.35, rel=1e-4) and err_l.grad.item() == pytest.approx(0.15, rel=1e-3)
+
+
+@pytest.mark.parametrize("reward_units", [True, False])
+def test_hinge_equals_the_old_loss(reward_units):
+    g = torch.Generator().manual_seed(0)
+    err_w, err_l, ref_w, ref_l = (0.05 + 0.01 * torch.randn(16, generator=g) for _ in range(4))
+    for beta, lw, ll in ((0.05, 0.35, 0.15), (0.1, 0.5, 0.0)):
+        s = DPOSettings(loss="hinge", beta=beta, lambda_win=lw, lambda_lose=ll, anchors_in_reward_units=reward_units)
+        new = dpo_loss(err_w, err_l, ref_w, ref_l, s)[0]
+        old = old_stabilized_loss(err_w, err_l, ref_w, ref_l, beta * 1000, lw, ll, reward_units)
+        assert torch.equal(new, old)
+
+
+def test_plain_is_the_old_loss_with_lambdas_zero():
+    err_w, err_l = torch.tensor([0.10, 0.20]), torch.tensor([0.30, 0.10])
+    ref_w, ref_l = torch.tensor([0.12, 0.20]), torch.tensor([0.29, 0.15])
+    plain = dpo_loss(err_w, err_l, ref_w, ref_l, DPOSettings(loss="plain"))[0]  # the lambdas are ignored
+    assert torch.equal(plain, old_stabilized_loss(err_w, err_l, ref_w, ref_l, lambda_win=0.0, lambda_lose=0.0))
+
+
 @pytest.mark.parametrize("reward_units", [True, False])
 def test_loss_matches_hand_computation(reward_units):
-    s = DPOSettings(beta=0.05, beta_scale=1000.0, lambda_win=0.35, lambda_lose=0.15,
+    s = DPOSettings(loss="hinge", beta=0.05, beta_scale=1000.0, lambda_win=0.35, lambda_lose=0.15,
                     anchors_in_reward_units=reward_units)
     err_w, err_l = torch.tensor([0.10, 0.20]), torch.tensor([0.30, 0.10])
     ref_w, ref_l = torch.tensor([0.12, 0.20]), torch.tensor([0.29, 0.15])
@@ -86,7 +168,7 @@ def test_loss_matches_hand_computation(reward_units):
 
 
 def test_reward_unit_anchors_have_the_gradients_of_the_raw_form_times_beta():
-    s = DPOSettings()
+    s = DPOSettings(loss="hinge")
     grads = []
     for reward_units in (True, False):
         err_w, err_l = torch.tensor([0.10], requires_grad=True), torch.tensor([0.35], requires_grad=True)
@@ -107,7 +189,12 @@ def test_policy_equal_to_reference_gives_log2_and_real_gradients(tmp_path, tiny_
     loss, stats = trainer.loss(trainer.model, inputs, 0)  # the loss and the statistics the engine logs
     assert stats["dpo"] == pytest.approx(math.log(2), abs=1e-6)
     assert stats["delta_w"] == 0 and stats["delta_l"] == 0
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # the anchors are zero at the reference too
+    # "report" (the default) adds the policy's errors, which here are the reference's
+    assert loss.item() == pytest.approx(math.log(2) + 0.35 * stats["err_w"] + 0.15 * stats["err_l"], rel=1e-5)
+    with torch.no_grad():
+        err, ref = trainer.pair_errors(trainer.model, inputs)
+    hinge, _ = dpo_loss(err[:3], err[3:], ref[:3], ref[3:], DPOSettings(loss="hinge"))
+    assert hinge.item() == pytest.approx(math.log(2), abs=1e-6)  # the hinge's anchors are zero at the reference
     assert trainer.compute_loss(trainer.model, inputs, 0).item() == loss.item()
     loss.backward()
     grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
@@ -283,6 +370,8 @@ def test_every_dpo_config_loads():
     for f in files:
         cfg = DPOTrainConfig.load(f)
         assert cfg.init_from and cfg.dpo.pairs, f
+        assert "loss" in json.loads(f.read_text())["dpo"], f"{f.name} must state its loss"
+    assert DPOTrainConfig.load(REPO / "configs" / "dpo" / "shapes.json").dpo.loss == "hinge"  # its documented runs
 
 
 def test_config_rules():

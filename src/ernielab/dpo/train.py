@@ -5,25 +5,25 @@ x_sigma = (1 - sigma) x0 + sigma * noise, and the velocity error err(x0) = mean 
 over the latent's elements, for the trained policy (err) and the frozen reference (ref = the initial model).
 
     delta_w = err(w) - ref(w),  delta_l = err(l) - ref(l)
-    r_w = -beta_eff * delta_w,  r_l = -beta_eff * delta_l   # implicit rewards
-    margin = r_w - r_l = -beta_eff * (delta_w - delta_l)
-    loss = -log sigmoid(margin)                             # Diffusion-DPO (Wallace et al. 2023), velocity form
-         + lambda_win  * beta_eff * err(w)                  # SFT anchor on the chosen image (= -lambda_win r_w + const)
-         + lambda_lose * beta_eff * max(0, delta_l)         # = lambda_lose * max(0, -r_l): the rejected error may
-                                                            #   not run away from the reference
+    margin = -beta_eff * (delta_w - delta_l)                # = -beta_eff * (Diff_policy - Diff_ref)
+    dpo = -log sigmoid(margin)                              # Diffusion-DPO (Wallace et al. 2023), velocity form
+
+`DPOSettings.loss` picks what is added to the DPO term:
+
+    "report" (default; the ERNIE-Image report's stabilized DPO, as written):
+        loss = dpo + lambda_win * err(w) + lambda_lose * err(l)          # plain policy errors, not x beta
+    "hinge" (this repo's earlier stabilized variant, kept with its numbers; docs/dpo-log.md 2026-11-24):
+        loss = dpo + lambda_win * beta_eff * delta_w + lambda_lose * beta_eff * max(0, delta_l)
+        (`anchors_in_reward_units=False`: lambda_win * err(w) + lambda_lose * max(0, delta_l))
+    "plain": loss = dpo (Diffusion-DPO alone; the lambdas are ignored)
 
 beta_eff = beta * beta_scale, with beta_scale = 1000 = T by default: Diffusion-DPO's beta*T, applied to
-per-element mean errors; the default beta = 0.05 gives beta_eff = 50 and margins of O(1) after ~100 steps.
+per-element mean errors; the default beta = 0.05 gives beta_eff = 50. For "report" beta_scale = 1 gives the
+report's beta literally on per-element mean errors (its DPO term is then ~log 2 at every step).
 
-Why anchors, and why in reward units: the DPO term only sees delta_w - delta_l, so it is happy to raise
-both errors as long as the rejected one rises faster (the known failure where both likelihoods collapse).
-The SFT anchor keeps the chosen error down; the hinge is zero while the rejected image is modelled no worse
-than by the reference (it never pulls the rejected error down) and, once the margin is large enough that
-sigmoid(-margin) < lambda_lose, it outweighs the DPO push and caps the drift. Both anchors are multiplied by
-beta_eff (stated as rewards, the -lambda_win r_w is exact: ref(w) is a constant), so their gradients are
-fixed fractions (0.35, 0.15) of the DPO term's largest one whatever beta or the latent size. Unscaled,
-0.35 * err(w) next to a DPO gradient of beta_eff / 2 = 25 is inert: measured, err(w) more than doubles in
-100 steps (docs/dpo.md); `anchors_in_reward_units=False` keeps that raw form for comparison.
+The report's lambda_lose term pulls the rejected error DOWN (an SFT term on both images, against the DPO
+push); the hinge instead only stops the rejected error from rising above the reference's, and scales both
+anchors by beta_eff so that they are fixed fractions of the DPO gradient (docs/dpo.md).
 
 `DPOTrainer` is the ERNIE-Image `Trainer` task, run by the core engine (accelerate, bf16, EMA, checkpoints
 with exact resume, metrics); it adds the frozen reference, the pair batches and the DPO loss, and logs reward
@@ -48,14 +48,18 @@ from ernielab.image.pipeline import DEFAULT_MODEL, PIPELINE_CONFIG, PipelineConf
 from ernielab.image.train import TrainConfig, Trainer
 
 
+LOSSES = ("report", "hinge", "plain")
+
+
 @dataclasses.dataclass
 class DPOSettings(Config):
     pairs: str = ""  # pairs.jsonl (see ernielab.dpo.preferences)
+    loss: str = bounded("report", choices=LOSSES)  # see the module docstring
     beta: float = bounded(0.05, gt=0)
     beta_scale: float = bounded(1000.0, gt=0)  # beta_eff = beta * beta_scale; 1000 = T, as Diffusion-DPO's beta * T
-    lambda_win: float = bounded(0.35, ge=0)  # SFT anchor on the chosen image
-    lambda_lose: float = bounded(0.15, ge=0)  # hinge on the rejected error rising above the reference's
-    anchors_in_reward_units: bool = True  # anchors x beta_eff (see module docstring); False: raw errors
+    lambda_win: float = bounded(0.35, ge=0)  # weight of the chosen image's error term ("report", "hinge")
+    lambda_lose: float = bounded(0.15, ge=0)  # "report": weight of err(l); "hinge": of max(0, delta_l)
+    anchors_in_reward_units: bool = True  # "hinge" only: anchors x beta_eff; False: raw errors
 
     @property
     def beta_eff(self) -> float:
@@ -86,14 +90,18 @@ class DPOTrainConfig(TrainConfig):
 
 def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
              settings: DPOSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean stabilized DPO loss over pairs (per-pair errors [B]) and detached per-batch statistics."""
+    """Mean DPO loss of `settings.loss` over pairs (per-pair errors [B]) and detached per-batch statistics."""
     delta_w, delta_l = err_w - ref_w, err_l - ref_l
     margin = -settings.beta_eff * (delta_w - delta_l)
     dpo = -F.logsigmoid(margin)
     anchor_lose = F.relu(delta_l)
-    if settings.anchors_in_reward_units:  # -r_w and max(0, -r_l): same units as the margin
+    if settings.loss == "report":  # the report's formula: plain policy errors, not scaled by beta
+        anchors = settings.lambda_win * err_w + settings.lambda_lose * err_l
+    elif settings.loss == "plain":
+        anchors = torch.zeros_like(dpo)
+    elif settings.anchors_in_reward_units:  # "hinge": -r_w and max(0, -r_l), same units as the margin
         anchors = settings.beta_eff * (settings.lambda_win * delta_w + settings.lambda_lose * anchor_lose)
-    else:  # raw errors: next to beta_eff ~ 50 these barely act (docs/dpo.md)
+    else:  # "hinge" on raw errors: next to beta_eff ~ 50 these barely act (docs/dpo.md)
         anchors = settings.lambda_win * err_w + settings.lambda_lose * anchor_lose
     loss = dpo + anchors
     stats = {"dpo": dpo, "err_w": err_w, "err_l": err_l, "delta_w": delta_w, "delta_l": delta_l,
