@@ -34,17 +34,9 @@ def read_manifest(path: Path) -> list[dict]:
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"{path}: not a readable Parquet manifest ({' '.join(str(e).split())})") from None
     else:
-        from ernielab.worlds.folder import jsonl_lines
+        from ernielab.worlds.folder import jsonl_objects
 
-        rows = []
-        for where, line in jsonl_lines(path):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        rows = [row for _, row in jsonl_objects(path)]
     for i, row in enumerate(rows):
         if not isinstance(row.get("path"), str) or row.get("id") != i:
             raise ValueError(f"{path}: row {i} is not a manifest row (needs 'id' = {i} and a 'path'); "

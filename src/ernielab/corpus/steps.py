@@ -131,16 +131,13 @@ def _world_entries(kind: str, n: int, images: Path, seed: int) -> list[Entry]:
 
 
 def _jsonl_entries(path: Path) -> list[Entry]:
-    from ernielab.worlds.folder import jsonl_lines
+    from ernielab.worlds.folder import jsonl_objects
 
     entries = []
-    for where, line in jsonl_lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
-            raise ValueError(f"{where}: expected a JSON object with an 'image' path (and optionally 'caption')")
+    expected = "a JSON object with an 'image' path (and optionally 'caption')"
+    for where, obj in jsonl_objects(path, expected):
+        if not isinstance(obj.get("image"), str):
+            raise ValueError(f"{where}: expected {expected}")
         if obj.get("caption") is not None and not isinstance(obj["caption"], str):
             raise ValueError(f"{where}: 'caption' must be a string")
         image = (path.parent / obj["image"]).resolve()

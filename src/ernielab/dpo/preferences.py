@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ernielab.worlds.folder import jsonl_lines, load_rgb
+from ernielab.worlds.folder import jsonl_objects, load_rgb
 
 REQUIRED_KEYS = ("prompt", "chosen", "rejected")
 PAIRS_FILE = "pairs.jsonl"
@@ -50,19 +50,14 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"preference file not found: {path} (expected a .jsonl file)")
-    pairs = [_parse_line(line, where, path.parent) for where, line in jsonl_lines(path)]
+    pairs = [_parse_entry(entry, where, path.parent)
+             for where, entry in jsonl_objects(path, f"a JSON object with {list(REQUIRED_KEYS)}")]
     if not pairs:
         raise ValueError(f"preference file {path} is empty: no pairs found")
     return pairs
 
 
-def _parse_line(line: str, where: str, root: Path) -> PreferencePair:
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected a JSON object with {list(REQUIRED_KEYS)}, got {type(entry).__name__}")
+def _parse_entry(entry: dict, where: str, root: Path) -> PreferencePair:
     missing = [k for k in REQUIRED_KEYS if k not in entry]
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}; each line needs {list(REQUIRED_KEYS)}")

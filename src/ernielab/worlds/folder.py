@@ -37,15 +37,24 @@ def jsonl_lines(path: Path) -> list[tuple[str, str]]:
     return [(f"{path}:{number}", line) for number, line in enumerate(lines, start=1) if line.strip()]
 
 
-def read_jsonl(path: Path) -> list[Record]:
-    records = []
+def jsonl_objects(path: Path, expected: str = "a JSON object") -> list[tuple[str, dict]]:
+    """Each non-blank line of a JSON-lines file parsed as a JSON object, with its "file:line"; a line that is not
+    valid JSON, or not an object (`expected` says what it should be), is a ValueError naming the line."""
+    objects = []
     for where, line in jsonl_lines(path):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected a JSON object with 'image' and 'caption', got {type(entry).__name__}")
+            raise ValueError(f"{where}: expected {expected}, got {type(entry).__name__}")
+        objects.append((where, entry))
+    return objects
+
+
+def read_jsonl(path: Path) -> list[Record]:
+    records = []
+    for where, entry in jsonl_objects(path, "a JSON object with 'image' and 'caption'"):
         missing = [key for key in ("image", "caption") if key not in entry]
         if missing:
             raise ValueError(f"{where}: missing key(s) {missing}; each line needs 'image' and 'caption'")
