@@ -2,7 +2,7 @@
 
 The engine owns the loop and everything around it: optimizer (AdamW over the decay groups the model declares)
 and learning-rate schedule, gradient accumulation, clipping, mixed precision and data parallelism through
-accelerate, EMA, logging to metrics.jsonl, the step and time budget, checkpoint save/resume of every state the
+accelerate (FSDP2 sharding through torch's `fully_shard`, core/sharding.py), EMA, logging to metrics.jsonl, the step and time budget, checkpoint save/resume of every state the
 task lists, the run-folder lock, and the replica check. It knows nothing about objectives: a family supplies
 a `Task` (its modules, a batch for a step, a loss with logs, optional after-step hooks and an export), as
 torchtitan's Trainer lets a model family override one method.
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ernielab.core import sharding
 from ernielab.core.checkpoint import latest_checkpoint, load_checkpoint, remove_tree, save_checkpoint
 from ernielab.core.config import Config, bounded
 from ernielab.core.ema import EMA
@@ -56,6 +57,7 @@ class EngineSettings(Config):
     max_minutes: float = bounded(0.0, ge=0)  # > 0: save and stop after this wall time, exporting nothing
     resume: str = "auto"  # "auto": latest checkpoint in output_dir; "": start fresh (clears the run); or a path
     branch_from: str = ""  # a new run continues another run's checkpoint (settings may differ; recorded in metrics)
+    fsdp: bool = False  # >1 process: shard weights, gradients and optimizer state (FSDP2) instead of replicating
 
 
 class RunInUse(ValueError):
@@ -100,11 +102,16 @@ class Task:
     engine: Engine  # set by the engine before `build`
     resumable_changes: frozenset[str] = frozenset()  # the task's own fields that may change on resume
     find_unused_parameters = False  # DDP: True when a step may leave parameters without gradients (routed experts)
+    shardable = False  # the task's hooks work on an FSDP2-sharded model (they never read its weights directly)
 
     def build(self) -> dict[str, nn.Module]:
         """Create the modules (on `self.engine.device`); "model" is the one optimised, EMA'd and shipped.
         Others (a fake score, a head) are saved and resumed with it."""
         raise NotImplementedError
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """With fsdp: the submodules sharded one by one (each gathered only while it runs): the blocks."""
+        return sharding.default_units(model)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Decay groups, as the model declares them (nanoGPT's configure_optimizers)."""
@@ -171,6 +178,7 @@ class Engine:
         self.accelerator = accelerator
         self.branched: dict | None = None  # set when the run starts from another run's checkpoint
         self.metrics: MetricsLog | None = None  # the main process's metrics.jsonl
+        self.template: nn.Module | None = None  # with fsdp: the unsharded model's shell (weights on "meta")
         task.engine = self
 
     @property
@@ -180,6 +188,10 @@ class Engine:
     @property
     def rank(self) -> int:
         return self.accelerator.process_index
+
+    @property
+    def sharded(self) -> bool:
+        return self.config.fsdp and self.accelerator.num_processes > 1
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -201,13 +213,20 @@ class Engine:
 
     def _fit(self) -> dict:
         cfg, task, acc = self.config, self.task, self.accelerator
+        if self.sharded and not task.shardable:
+            raise ValueError(f"fsdp: {type(task).__name__} does not support sharded training; set fsdp false")
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         modules = task.build()
+        checkpoint = self.checkpoint_to_resume()
+        if self.sharded:  # weights are loaded whole, then sharded; the optimizer is built over the shards
+            if checkpoint:
+                modules["model"].load_state_dict(checkpoint["modules"]["model"])
+            self.template = sharding.meta_copy(modules["model"])
+            sharding.shard(modules["model"], task.shard_units(modules["model"]), cfg.mixed_precision)
         ema = task.make_ema(modules["model"]) if cfg.ema_decay > 0 else None
         opt = torch.optim.AdamW(task.param_groups(modules["model"]), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
-        checkpoint = self.checkpoint_to_resume()
         if checkpoint:
             step = self.restore(checkpoint, modules, ema, opt, sched)
         else:
@@ -219,7 +238,10 @@ class Engine:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", step) if acc.is_main_process else None
         if self.branched:
             self.log(self.branched)
-        wrapped, opt = acc.prepare(modules["model"], opt)
+        if self.sharded:  # fully_shard already syncs gradients; accelerate would wrap it in DDP
+            wrapped, opt = modules["model"], acc.prepare(opt)
+        else:
+            wrapped, opt = acc.prepare(modules["model"], opt)
         t0 = time.time()
         step, stopped = self.loop(wrapped, opt, sched, modules, ema, step, t0)
         return self.finish(acc.unwrap_model(wrapped), ema, step, stopped, t0)
@@ -262,9 +284,11 @@ class Engine:
     def finish(self, model: nn.Module, ema: EMA | None, step: int, stopped: str | None, t0: float) -> dict:
         """Replica check; a finished run evaluates and exports what it ships, a stopped one nothing."""
         acc = self.accelerator
+        if self.sharded:  # from here on an ordinary module: the replica check, evaluation and export need one
+            model, ema = self.gathered(model, ema)
         in_sync = self.replicas_in_sync(model)
         self.log({"step": step, "done": stopped is None, "world_size": acc.num_processes, "replicas_in_sync": in_sync,
-                  **({"stopped": stopped} if stopped else {})})
+                  **({"sharded": True} if self.sharded else {}), **({"stopped": stopped} if stopped else {})})
         if not in_sync:
             raise RuntimeError("model replicas diverged across processes (gradients were not synchronised)")
         result = {"step": step, "elapsed_s": time.time() - t0, "stopped": stopped, "exported": None}
@@ -328,6 +352,13 @@ class Engine:
         sums = self.accelerator.gather(checksum.to(self.device))
         return bool((sums == sums[0]).all())
 
+    def gathered(self, model: nn.Module, ema: EMA | None) -> tuple[nn.Module, EMA | None]:
+        """The sharded model's and EMA's full weights on every process (collectives)."""
+        plain = sharding.unsharded(self.template, model, self.device)
+        if ema is not None:
+            ema.shadow = {k: sharding.full_tensor(v) for k, v in ema.shadow.items()}
+        return plain, ema
+
     def shipped_model(self, model: nn.Module, ema: EMA | None) -> nn.Module:
         """The weights to ship: the EMA when kept, else the raw model (never the one still training)."""
         import copy
@@ -386,11 +417,18 @@ class Engine:
             raise ValueError(f"cannot resume from {self.run_dir}: its checkpoint holds no {', '.join(missing)} "
                              f"weights (a checkpoint of another kind of run); use --fresh or a new output_dir")
         for name, module in modules.items():
-            module.load_state_dict(checkpoint["modules"][name])
+            if not (self.sharded and name == "model"):  # a sharded model got its weights before sharding
+                module.load_state_dict(checkpoint["modules"][name])
         states = checkpoint["states"]
+        shapes = list(ema.shadow.values()) if ema is not None else []  # sharded: the DTensor layout to keep
         if ema is not None and "ema" in checkpoint["modules"]:
             ema.load_state_dict(checkpoint["modules"]["ema"])
-        opt.load_state_dict(states["optimizer"])
+            if self.sharded:  # each process keeps its shard of the average, like the weights
+                ema.shadow = {k: sharding.shard_like(v, like) for (k, v), like in zip(ema.shadow.items(), shapes)}
+        if self.sharded:
+            sharding.load_optimizer_state(modules["model"], opt, states["optimizer"])
+        else:
+            opt.load_state_dict(states["optimizer"])
         sched.load_state_dict(states["scheduler"])
         self.task.load_state(states.get("task", {}))
         if self.accelerator.is_main_process:
@@ -399,11 +437,17 @@ class Engine:
 
     def save(self, step: int, modules: dict[str, nn.Module], ema: EMA | None, opt, sched) -> None:
         acc = self.accelerator
+        if self.sharded:  # every process joins the gathers; the main one writes the same files as unsharded runs
+            gathered = {"model": sharding.full_model_state(modules["model"]),
+                        "optimizer": sharding.full_optimizer_state(modules["model"], getattr(opt, "optimizer", opt)),
+                        "ema": None if ema is None else {k: sharding.full_tensor(v) for k, v in ema.state_dict().items()}}
         if acc.is_main_process:
-            tensors = {name: acc.unwrap_model(m).state_dict() for name, m in modules.items()}
+            tensors = {name: gathered["model"] if self.sharded and name == "model" else acc.unwrap_model(m).state_dict()
+                       for name, m in modules.items()}
             if ema is not None:
-                tensors["ema"] = ema.state_dict()
-            states = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "task": self.task.state()}
+                tensors["ema"] = gathered["ema"] if self.sharded else ema.state_dict()
+            optimizer = gathered["optimizer"] if self.sharded else opt.state_dict()
+            states = {"optimizer": optimizer, "scheduler": sched.state_dict(), "task": self.task.state()}
             save_checkpoint(self.run_dir, step, tensors, states, self.config.to_dict(), self.config.keep_checkpoints)
         acc.wait_for_everyone()
 

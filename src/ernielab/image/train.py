@@ -83,6 +83,7 @@ class Trainer(Task):
 
     export_name = "pipeline"
     resumable_changes = FINETUNE_RESUMABLE
+    shardable = True  # fsdp: the blocks are sharded (core/sharding.py); subclasses are refused below
 
     def __init__(self, config: TrainConfig, accelerator=None):
         config.validate()
@@ -94,6 +95,9 @@ class Trainer(Task):
                                           ("validation_every", cfg.validation_every)) if on]
         if finetune and type(self) is not Trainer:  # its batch and after-step hooks are the plain Trainer's
             raise ValueError(f"{finetune[0]}: used by ERNIE-Image's own trainer only, not {type(self).__name__}")
+        if cfg.fsdp and (type(self) is not Trainer or cfg.lora.enabled or cfg.validation_every):
+            what = "LoRA" if cfg.lora.enabled else "validation sheets" if cfg.validation_every else type(self).__name__
+            raise ValueError(f"fsdp: sharded training is for full fine-tuning by ERNIE-Image's own trainer, not {what}")
         self.out = Path(cfg.output_dir)
         self.text_encoder = TextEncoder(cfg.text_encoder)
         self.latent_space = build_latent_space(cfg.latent)
