@@ -380,3 +380,34 @@ def test_cli_trains_a_lora(tmp_path):
     lines = [l for l in res.output.strip().splitlines() if l.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "lora.targets" in lines[0], res.output
     assert not (tmp_path / "bad").exists()
+
+
+# ---- LoRA on a distilled few-step student ----------------------------------------------------------
+def test_lora_on_a_distilled_student(tmp_path, tiny_pipeline_dir):
+    """A Turbo student is an ordinary pipeline folder: a LoRA trains on it (init_from) and loads back onto it,
+    changing its few-step images; at weight 0 the student draws exactly what it drew before."""
+    from ernielab.image.pipeline import TextToImagePipeline
+    from ernielab.turbo.distill import DistillConfig, DistillTrainer
+
+    distill = DistillConfig.from_dict(dict(
+        teachers=[{"path": str(tiny_pipeline_dir), "guidance_scale": 2.0}], output_dir=str(tmp_path / "turbo"),
+        data={"kind": "shapes", "size": 64}, student_steps=[4, 2], steps=2, batch_size=2, lr=1e-3, warmup_steps=1,
+        fake_updates=1, save_every=2, ema_decay=0))
+    student_dir = Path(DistillTrainer(distill).train()["exported"])
+    student = TextToImagePipeline.from_pretrained(student_dir)
+    assert (student.config.steps, student.config.guidance_scale) == (4, 1.0)
+
+    cfg = TrainConfig(model=student.transformer.config, text_encoder=student.config.text_encoder,
+                      latent=student.config.latent, data=TrainConfig().data.replace(size=64, image_size=16),
+                      init_from=str(student_dir), lora=lora.LoraSettings(rank=2, targets="all"),
+                      output_dir=str(tmp_path / "lora"), steps=3, batch_size=2, lr=1e-2, warmup_steps=0,
+                      cfg_dropout=0.0, ema_decay=0)
+    adapter = Path(Trainer(cfg).train()["exported"]) / lora.WEIGHT_NAME
+
+    prompts = ["a red circle", "two blue squares"]
+    before = student(prompts, seed=0, output_type="pt").images
+    lora.load_lora(student, adapter, adapter_name="style")
+    after = student(prompts, seed=0, output_type="pt").images  # the student's own 4 steps, no CFG
+    assert (after - before).abs().max() > 1e-4
+    lora.set_adapters(student, ["style"], [0.0])
+    torch.testing.assert_close(student(prompts, seed=0, output_type="pt").images, before, rtol=0, atol=1e-6)
