@@ -1,10 +1,16 @@
-"""MoE layer: dispatch modes, routing inputs, auxiliary-loss-free balancing, expert masks, sub-layers."""
+"""MoE layer: dispatch modes, routing inputs, auxiliary-loss-free balancing, expert masks, sub-layers; the
+ultra-sparse configs."""
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
 
+from ernielab.core.cli import load_config
+from ernielab.unified.config import UnifiedConfig, VQConfig
+from ernielab.unified.io import load_model
 from ernielab.unified.moe import MoEFeedForward, TopKRouter, balance_stats, expert_load, grouped_matmul
+from ernielab.unified.train import UnifiedTrainConfig, VQTrainConfig, train_unified, train_vq
 
 
 def make_moe(dim=16, experts=8, hidden=12, top_k=2, shared=8, seed=0):
@@ -219,3 +225,69 @@ def test_low_precision_moe_layer_trains_one_step(dtype):
     assert not torch.equal(moe.router.expert_bias, bias) and not torch.equal(moe.w_down, before)
     moe.float()  # and back: the statistics were never rounded
     assert moe.router.gate_mass.dtype == torch.float32 and moe.w_gate_up.dtype == torch.float32
+
+
+# ---- ultra-sparse configs (ERNIE 5.0 activates under 3% of its experts) -------------------------------------------
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "unified"
+ULTRA = sorted(CONFIGS.glob("ultra_*.json"))
+
+
+def test_ultra_sparse_configs_match_the_moe_run_but_for_the_experts():
+    """Each ultra config is configs/unified/moe_3k.json with more, sparser experts: under 3.2% of them active,
+    the same active routed width (so the same dense twin) and every other setting equal."""
+    base = load_config(UnifiedTrainConfig, CONFIGS / "moe_3k.json")
+    assert [p.stem for p in ULTRA] == ["ultra_e128_k2_3k", "ultra_e128_k4_3k", "ultra_e64_k2_3k"]
+    for path in ULTRA:
+        cfg = load_config(UnifiedTrainConfig, path)
+        m = cfg.model
+        assert m.top_k / m.num_experts < 0.032 and m.num_experts >= 4 * base.model.num_experts
+        assert m.top_k * m.expert_hidden == base.model.top_k * base.model.expert_hidden
+        assert m.dense_twin().dense_hidden == base.model.dense_twin().dense_hidden
+        assert m.replace(num_experts=16, expert_hidden=64, top_k=4) == base.model
+        assert cfg.replace(model=base.model, output_dir=base.output_dir) == base
+        assert f"ultra_e{m.num_experts}_k{m.top_k}" in cfg.output_dir
+
+
+@pytest.mark.parametrize("experts, top_k", [(64, 2), (128, 4), (128, 2)])
+def test_ultra_sparse_routing_balances_without_an_auxiliary_loss(experts, top_k):
+    """The bias update alone evens out a skewed start with 64-128 experts and k = 2-4: four experts favoured by a
+    feature every token shares first take 8-12x the mean load; within 80 updates the busiest expert stays
+    under 1.4x the mean, and the favoured experts' bias went down."""
+    torch.manual_seed(0)
+    router = TopKRouter(32, experts, top_k=top_k, balance_rate=UnifiedConfig().balance_rate).train()
+    x = torch.randn(2048, 32)
+    x[:, 0] = 3.0
+    with torch.no_grad():
+        router.proj.weight.normal_(std=32 ** -0.5)
+        router.proj.weight[:4, 0] = 0.5  # +1.5 logits for experts 0-3 on every token
+    imbalance = []
+    for _ in range(80):
+        router(x)
+        imbalance.append(balance_stats(router.update_bias())["max_over_mean"])
+    assert imbalance[0] > 6 and max(imbalance[-10:]) < 1.4
+    assert router.expert_bias[:4].max() < 0 and router.expert_bias[:4].mean() < router.expert_bias[4:].mean() - 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny_vq(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vq")
+    train_vq(VQTrainConfig(output_dir=str(out), model=VQConfig.tiny(), steps=2, batch_size=4, train_size=16,
+                           eval_size=4, save_every=2))
+    return out
+
+
+@pytest.mark.parametrize("path", ULTRA, ids=lambda p: p.stem)
+def test_ultra_sparse_config_trains_at_tiny_size(path, tiny_vq, tmp_path):
+    """The config's expert count and k on the tiny trunk (active routed width 32) train through the engine,
+    elastic draws included; the exported model keeps every expert and the balancing bias moved."""
+    cfg = load_config(UnifiedTrainConfig, path)
+    m = cfg.model
+    model = UnifiedConfig.tiny(num_experts=m.num_experts, top_k=m.top_k, expert_hidden=32 // m.top_k)
+    result = train_unified(cfg.replace(output_dir=str(tmp_path), vq_dir=str(tiny_vq), model=model, steps=3,
+                                       batch_size=2, train_size=16, log_every=1, save_every=3))
+    assert result["step"] == 3 and result["exported"]
+    trained, _, _ = load_model(tmp_path / "model")
+    layers = [moe for _, moe in trained.moe_layers()]
+    assert layers and all(moe.num_experts == m.num_experts and moe.top_k == m.top_k for moe in layers)
+    assert all(moe.router.expert_bias.abs().sum() > 0 for moe in layers)
+    assert all(torch.isfinite(p).all() for p in trained.parameters())

@@ -353,3 +353,22 @@ def test_inplace_distillation_teaches_the_submodel_the_full_models_predictions(v
     assert kds[0] > 1e-3 and kds[-1] < 0.5 * kds[0]
     _, plain = unified_loss(model, batch, sub, teacher=teacher, distill_weight=0.0)
     assert "text_kd" not in plain
+
+
+def test_next_scale_configs_compare_at_equal_budget():
+    """The shipped rows-vs-scales pair differs only in the image order and its tokenizer (same codebook, steps)."""
+    from pathlib import Path
+
+    from ernielab.core.cli import load_config
+    from ernielab.unified.io import vq_mismatch
+    from ernielab.unified.train import UnifiedTrainConfig, VQTrainConfig
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "unified"
+    rows, scales = (load_config(UnifiedTrainConfig, configs / f"next_scale_{n}.json") for n in ("rows", "scales"))
+    vq_rows, vq_scales = (load_config(VQTrainConfig, configs / f"{n}.json") for n in ("vq", "vq_scales"))
+    assert scales.model.image_order == "scales" and rows.model.image_order == "rows"
+    assert rows.replace(output_dir="", vq_dir="") == scales.replace(
+        output_dir="", vq_dir="", model=scales.model.replace(image_order="rows", image_scales=()))
+    assert vq_mismatch(vq_scales.model, scales.model) is None and vq_mismatch(vq_rows.model, rows.model) is None
+    assert vq_scales.steps == vq_rows.steps and vq_scales.model.codebook_size == vq_rows.model.codebook_size
+    assert scales.vq_dir == vq_scales.output_dir

@@ -1,4 +1,4 @@
-"""The trimmed MoE dispatch of the unified model computes what the previous dispatch computed.
+"""The trimmed MoE dispatch of the unified model, and the "gpu" dispatch, compute what the previous dispatch computed.
 
 `PreviousMoE` below is the fused dispatch as it was before the decoding-speed round of docs/unified.md
 ("Where the MoE's extra time goes"): argsort + bincount + cumsum, advanced-index gather, scatter-add onto
@@ -18,7 +18,8 @@ from ernielab.unified.config import UnifiedConfig
 from ernielab.unified.generate import caption_codes, generate_image_codes
 from ernielab.unified.io import load_model
 from ernielab.unified.model import UnifiedTransformer, unified_loss
-from ernielab.unified.moe import MoEFeedForward, group_ends, grouped_matmul
+from ernielab.unified.moe import MoEFeedForward, expert_load, group_ends, grouped_matmul
+from ernielab.unified.moe_gpu import padded_layout, sorted_grouped_experts
 from ernielab.unified.sequences import collate, model_inputs, text_to_image_sequence
 from ernielab.unified.tokenizer import TextTokenizer, build_text_vocab
 
@@ -173,3 +174,93 @@ def test_greedy_decoding_unchanged_on_the_trained_model(batch):
     codes = vq.encode(images)
     new, old = greedy_decodes(model, prompts, codes), greedy_decodes(with_previous_layers(model), prompts, codes)
     assert torch.equal(new[0], old[0]) and new[1] == old[1]
+
+
+# ---- the "gpu" dispatch (moe_gpu.py): padded layout, exactness against the reference, no host sync ------------
+
+@pytest.mark.parametrize("align", [1, 4, 16])
+def test_padded_layout_puts_each_expert_group_on_aligned_rows(align):
+    torch.manual_seed(align)
+    experts = 7
+    ids = torch.randint(0, experts, (45,))
+    ids[ids == 3] = 4  # an empty expert in the middle
+    sorted_ids, _ = ids.sort(stable=True)
+    row, ends, rows = padded_layout(sorted_ids, experts, align)
+    assert ends.dtype == torch.int32 and int(ends[-1]) == rows == 45 + experts * (align - 1)
+    assert len(set(row.tolist())) == 45 and int(row.max()) < rows  # every assignment its own row
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]]).long()
+    for e in range(experts):
+        mine = row[sorted_ids == e]
+        assert int(starts[e]) % align == 0
+        assert mine.tolist() == list(range(int(starts[e]), int(starts[e]) + len(mine)))  # consecutive from its start
+        if e < experts - 1:  # groups hold their rows rounded up to `align`; the last one takes the slack
+            assert int(ends[e]) - int(starts[e]) == -(-len(mine) // align) * align
+
+
+@pytest.mark.parametrize("align", [1, 3, 16])
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+def test_gpu_dispatch_matches_reference_forward_and_gradients(align, tokens):
+    """The sorted, padded dispatch against the per-expert loop (`expert_forward`) in float32: outputs and the
+    gradients of input, gates and both expert weights."""
+    moe = make_moe()
+    x = torch.randn(tokens, 32, requires_grad=True)
+    index = torch.randint(0, 8, (tokens, 2))
+    index[:, 1] = (index[:, 0] + 1 + torch.randint(0, 7, (tokens,))) % 8  # two distinct experts per token
+    gate = torch.rand(tokens, 2, requires_grad=True)
+    base = torch.randn(tokens, 32)
+    out = sorted_grouped_experts(x, index, gate, moe.w_gate_up, moe.w_down, grouped_matmul, align, base.clone())
+    expected = base + sum(gate[:, j, None] * torch.stack([moe.expert_forward(x[t], int(index[t, j]))
+                                                          for t in range(tokens)] or [x.new_zeros(32)])[:tokens]
+                          for j in range(2))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if not tokens:
+        return
+    weights = torch.randn(tokens, 32)
+    grads = [torch.autograd.grad((o * weights).sum(), (x, gate, moe.w_gate_up, moe.w_down))
+             for o in (out, expected)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("top_k, mask", [(None, None), (1, None), (8, None),
+                                         (2, (1, 0, 1, 1, 0, 1, 1, 1))])
+def test_gpu_mode_layer_trains_like_the_previous_dispatch(top_k, mask):
+    """The whole layer in "gpu" mode, training: outputs, every parameter's gradient and the router's load
+    record equal the previous dispatch's (top-k 1, all 8 experts, an expert mask)."""
+    moe = make_moe().train()
+    moe.dispatch = "gpu"
+    ref = as_previous(moe)
+    mask = None if mask is None else torch.tensor(mask, dtype=torch.bool)
+    x = torch.randn(60, 32)
+    weights = torch.randn(60, 32)
+    for layer in (moe, ref):
+        out = layer(x, top_k, mask)
+        (out * weights).sum().backward()
+    torch.testing.assert_close(moe(x, top_k, mask), ref(x, top_k, mask), atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(moe.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+    torch.testing.assert_close(moe.router.pending_load, ref.router.pending_load)
+
+
+def test_gpu_mode_traces_whole_without_host_sync():
+    """torch.compile(fullgraph=True) fails on any graph break, and a host read (.item(), .tolist(), nonzero,
+    bincount's size) is one: the bf16 layer in "gpu" mode (router statistics included) traces whole, forward
+    and backward (aot_eager: no C++ compiler needed), at two token counts, and computes what eager does."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = MoEFeedForward(32, 8, 16, 2, shared_hidden=16, dispatch="gpu").to(torch.bfloat16).train()
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager", dynamic=True)
+    try:
+        for tokens in (40, 72):
+            x = torch.randn(tokens, 32, dtype=torch.bfloat16)
+            load = moe.router.pending_load.clone()
+            out = compiled(x)
+            out.float().square().sum().backward()
+            assert torch.equal(moe.router.pending_load - load, expert_load(moe.last_index, 8).float())
+            grad, moe.w_gate_up.grad = moe.w_gate_up.grad, None
+            torch.testing.assert_close(out, moe(x), atol=0, rtol=0)
+            moe(x).float().square().sum().backward()
+            torch.testing.assert_close(grad, moe.w_gate_up.grad, atol=0, rtol=0)
+            moe.zero_grad()
+    finally:
+        torch._dynamo.reset()

@@ -16,6 +16,7 @@ from ernielab.unified.config import ElasticConfig, UnifiedConfig, VQConfig
 from ernielab.unified.io import load_model, save_model
 from ernielab.unified.model import UnifiedTransformer, full_model_logits, unified_loss
 from ernielab.unified.train import (
+    PosteriorBalance,
     ShapesCorpus,
     UnifiedTask,
     UnifiedTrainConfig,
@@ -176,13 +177,18 @@ def test_bf16_mixed_precision_trains(vq_dir, tmp_path, fresh_accelerate_state):
 
 
 def test_every_shipped_config_loads():
+    from ernielab.unified.rl import UnifiedRLConfig
+
     configs = sorted(CONFIGS.glob("*.json"))
     assert len(configs) >= 10
-    loaded = {p.stem: load_config(VQTrainConfig if p.stem.startswith("vq") else UnifiedTrainConfig, p)
-              for p in configs}
+    kinds = {"vq": VQTrainConfig, "rl": UnifiedRLConfig}
+    loaded = {p.stem: load_config(kinds.get(p.stem.split("_")[0], UnifiedTrainConfig), p) for p in configs}
+    loaded = {name: cfg for name, cfg in loaded.items() if isinstance(cfg, UnifiedTrainConfig)}
     for name, cfg in loaded.items():
         if name.startswith("dense"):  # the dense baseline: as wide as the MoE's active experts, not elastic
             assert cfg.model == UnifiedConfig.cpu().dense_twin()
+        elif name.startswith("ultra"):  # ERNIE 5.0's ultra-sparse routing: under ~3% of the experts active
+            assert cfg.model.top_k / cfg.model.num_experts <= 0.032 and not cfg.model.is_dense
         elif not name.startswith(("vq", "tiny")):
             assert cfg.model.num_experts == 16 and cfg.model.top_k == 4 and not cfg.model.is_dense
     anchor = loaded["anchor_6k"]
@@ -267,3 +273,61 @@ def test_step_draws_are_functions_of_seed_and_step(vq_dir, tmp_path):
     assert items_a == items_b and all(torch.equal(a[t]["tokens"], b[t]["tokens"]) for t in a)
     assert items_a != items_c and len(items_a) == 3 * cfg.batch_size
     assert generator("unified-batch", 0, 3).initial_seed() == derive_seed("unified-batch", 0, 3)
+
+
+def test_posterior_balance_weights_are_normalised_precisions():
+    balance = PosteriorBalance(("t2i", "i2t", "text"), momentum=0.5, warmup=2)
+    assert balance.weights(0) == {"t2i": 1.0, "i2t": 1.0, "text": 1.0} and balance.update() == {}
+    for losses in ({"t2i": 4.0, "i2t": 1.0, "text": 2.0}, {"t2i": 2.0, "i2t": 1.0, "text": 2.0}):
+        balance.observe(losses)
+        balance.observe({k: v + 1 for k, v in losses.items()})  # a second micro-batch: the step's mean counts
+        means = balance.update()
+    # bias-corrected running means: (0.5 * 0.5 * first + 0.5 * second) / (1 - 0.25)
+    expected = {"t2i": (0.25 * 4.5 + 0.5 * 2.5) / 0.75, "i2t": 1.5, "text": 2.5}
+    assert means == pytest.approx({f"{k}_loss_mean": v for k, v in expected.items()})
+    assert balance.weights(1) == {"t2i": 1.0, "i2t": 1.0, "text": 1.0}  # still warming up
+    precision = {k: 1 / v for k, v in expected.items()}
+    weights = balance.weights(2)
+    assert weights == pytest.approx({k: 3 * p / sum(precision.values()) for k, p in precision.items()})
+    assert weights["i2t"] > weights["text"] > weights["t2i"] and sum(weights.values()) == pytest.approx(3)
+    restored = PosteriorBalance(("t2i", "i2t", "text"), momentum=0.5, warmup=2)
+    restored.load_state(balance.state())
+    assert restored.weights(5) == balance.weights(5)
+    with pytest.raises(ValueError, match="balances tasks"):
+        PosteriorBalance(("i2t",), 0.5, 2).load_state(balance.state())
+
+
+def test_posterior_balance_weighs_the_task_losses_and_resumes_exactly(vq_dir, tmp_path):
+    """The logged loss is the weighted sum of the task losses; a run killed after its step-3 checkpoint and
+    started again ends with the running means and weights of an uninterrupted one."""
+    cfg = dict(loss_balance="posterior", balance_warmup=2, balance_momentum=0.5)
+    train_unified(tiny(tmp_path / "straight", vq_dir, **cfg))
+
+    class Killed(Exception):
+        pass
+
+    class Interrupted(UnifiedTask):
+        def batch(self, step, micro):
+            if step == 4:
+                raise Killed
+            return super().batch(step, micro)
+
+    with pytest.raises(Killed):
+        Interrupted(tiny(tmp_path / "split", vq_dir, **cfg)).train()
+    train_unified(tiny(tmp_path / "split", vq_dir, **cfg))
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("straight", "split"))
+    assert a["states"]["task"]["balance"]["updates"] == b["states"]["task"]["balance"]["updates"] == 6
+    assert torch.equal(a["states"]["task"]["balance"]["mean"], b["states"]["task"]["balance"]["mean"])
+    assert all(torch.equal(a["modules"]["model"][k], b["modules"]["model"][k]) for k in a["modules"]["model"])
+    logs = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("straight", "split")}
+    assert [r for r in logs["straight"] if "loss" in r] == [
+        {**r, "samples_per_s": s["samples_per_s"], "elapsed_s": s["elapsed_s"]}
+        for r, s in zip([r for r in logs["split"] if "loss" in r], [r for r in logs["straight"] if "loss" in r])]
+    for r in (r for r in logs["straight"] if "loss" in r):
+        task_loss = {"t2i": r["t2i_image"], "i2t": r["i2t_text"] + 0.3 * (r["i2t_mtp1"] + r["i2t_mtp2"]),
+                     "text": r["text_text"] + 0.3 * (r["text_mtp1"] + r["text_mtp2"])}
+        assert r["loss"] == pytest.approx(sum(r[f"{t}_weight"] * v for t, v in task_loss.items()), rel=1e-5)
+        assert {"t2i_loss_mean", "i2t_loss_mean", "text_loss_mean"} <= set(r)
+        weights = [r[f"{t}_weight"] for t in task_loss]
+        assert (weights == [1.0] * 3) == (r["step"] <= 2) and sum(weights) == pytest.approx(3)

@@ -45,6 +45,16 @@ add_train_command(app, "ernielab.unified.train:UnifiedTrainConfig", run_unified,
                   "the unified model (caption->image, image->caption and text in one elastic MoE; RUN/model)")
 
 
+def run_rl(cfg) -> dict:
+    from ernielab.unified.rl import train_rl
+
+    return train_rl(cfg)
+
+
+add_train_command(app, "ernielab.unified.rl:UnifiedRLConfig", run_rl,
+                  "RL post-training of a unified model on checked rewards (RUN/model)", name="rl")
+
+
 def run_vq(cfg) -> dict:
     from ernielab.unified.train import train_vq
 
@@ -94,7 +104,7 @@ def generate_image(model_dir: Path = typer.Argument(..., help="a model folder (R
         Image.fromarray(array).save(output)
     else:
         save_grid(list(images), output, captions=[prompt] * n)
-    typer.echo(json.dumps({"output": str(output), "decoding_steps": steps, "tokens": codes[0].numel()}))
+    typer.echo(json.dumps({"output": str(output), "decoding_steps": steps, "tokens": int((codes[0] >= 0).sum())}))
 
 
 @app.command()
@@ -102,8 +112,10 @@ def generate_image(model_dir: Path = typer.Argument(..., help="a model folder (R
 def caption(model_dir: Path = typer.Argument(..., help="a model folder"),
             images: list[Path] = typer.Argument(..., help="PNG images of the VQ's size"),
             depth: Optional[int] = DEPTH, experts: Optional[int] = EXPERTS, top_k: Optional[int] = TOP_K,
+            draft_heads: int = typer.Option(0, help="self-speculative decoding: draft with this many MTP heads, "
+                                                    "verify in one forward (same captions; 0 = one token per forward)"),
             threads: int = THREADS):
-    """Caption images (greedy); prints one JSON line per image."""
+    """Caption images (greedy); prints one JSON line per image (then the drafts' acceptance with --draft-heads)."""
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -126,9 +138,17 @@ def caption(model_dir: Path = typer.Argument(..., help="a model folder"),
             raise ValueError(f"{path} is {array.shape[1]}x{array.shape[0]}; this model reads {size}x{size} images")
         tensors.append(image_to_tensor(array))
     tok = TextTokenizer(model.config.text_vocab)
-    ids, _ = caption_codes(model, vq.encode(torch.stack(tensors)), sub=submodel_options(model, depth, experts, top_k))
+    codes, sub = vq.encode(torch.stack(tensors)), submodel_options(model, depth, experts, top_k)
+    if draft_heads:
+        from ernielab.unified.speculative import speculative_caption_codes
+
+        ids, stats = speculative_caption_codes(model, codes, sub=sub, draft_heads=draft_heads)
+    else:
+        ids, _ = caption_codes(model, codes, sub=sub)
     for path, row in zip(images, ids):
         typer.echo(json.dumps({"image": str(path), "caption": tok.decode(row)}))
+    if draft_heads:
+        typer.echo(json.dumps({"speculative": stats.to_dict()}))
 
 
 @app.command("extract-submodel")

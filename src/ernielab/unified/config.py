@@ -26,10 +26,14 @@ class VQConfig(Config):
     codebook_size: int = bounded(256, ge=2)
     commitment: float = bounded(0.25, ge=0)
     ema_decay: float = bounded(0.95, ge=0, lt=1)  # codebook vectors track their assigned encoder outputs
+    # multi-scale residual quantisation (VAR): token-map sides, coarse to fine, the last = grid; () = one scale
+    scales: tuple[int, ...] = ()
 
     def check(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.scales:
+            check_scales(self.scales, self.grid, "scales")
 
     @property
     def grid(self) -> int:
@@ -87,6 +91,9 @@ class UnifiedConfig(Config):
     text_vocab: tuple[int, ...] = ()  # WordPiece ids of the compact text vocabulary (see tokenizer.py)
     codebook_size: int = bounded(256, ge=1)  # image vocabulary = the VQ codebook
     image_grid: int = bounded(8, ge=1)  # image tokens form an image_grid x image_grid grid, one row per step
+    # "rows": one decoding step per row of a single-scale VQ; "scales": one step per scale of a multi-scale VQ
+    image_order: str = bounded("rows", choices=("rows", "scales"))
+    image_scales: tuple[int, ...] = ()  # with "scales": the VQ's token-map sides, coarse to fine (last = image_grid)
     max_text_len: int = bounded(32, ge=1)  # caption tokens incl. BOS / EOS
     # trunk
     dim: int = bounded(128, ge=1)
@@ -110,6 +117,12 @@ class UnifiedConfig(Config):
             raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even size")
         if not self.is_dense and self.top_k > self.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.image_order == "scales":
+            check_scales(self.image_scales, self.image_grid, "image_scales")
+            if (self.dim // self.num_heads) % 8:  # rotary dims split over (group, h, w) as 1/2, 1/4, 1/4
+                raise ValueError(f"image_order 'scales' needs a head size divisible by 8, got {self.dim // self.num_heads}")
+        elif self.image_scales:
+            raise ValueError("image_scales is set but image_order is 'rows': set image_order to 'scales'")
         if self.elastic.enabled and self.elastic.anchor > 0 and not self.is_dense:  # fail now, not mid-run
             check_cut(self, *(self.elastic.anchor_cut or half_active_cut(self)), what="elastic.anchor_cut")
 
@@ -132,7 +145,7 @@ class UnifiedConfig(Config):
 
     @property
     def image_tokens(self) -> int:
-        return self.image_grid ** 2
+        return sum(n * n for n in self.image_scales) if self.image_order == "scales" else self.image_grid ** 2
 
     def dense_twin(self) -> UnifiedConfig:
         """The dense baseline with the same active FFN width (top_k routed experts + the shared one); it is
@@ -159,6 +172,12 @@ class UnifiedConfig(Config):
         base = dict(codebook_size=16384, image_grid=32, max_text_len=4096, dim=4096, num_layers=48, num_heads=32,
                     num_experts=64, expert_hidden=1536, top_k=8, shared_hidden=1536, mtp_heads=3)
         return cls(**{**base, **kw})
+
+
+def check_scales(scales: tuple[int, ...], grid: int, name: str) -> None:
+    """Token-map sides of a multi-scale image: increasing, ending at the full grid."""
+    if not scales or scales[-1] != grid or any(a >= b for a, b in zip(scales, scales[1:])) or scales[0] < 1:
+        raise ValueError(f"{name} must increase from >= 1 to the grid side {grid}, got {list(scales)}")
 
 
 def half_active_cut(cfg: UnifiedConfig) -> tuple[int, int, int]:

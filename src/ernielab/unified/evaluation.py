@@ -25,7 +25,7 @@ from ernielab.unified.model import IMAGE, IMAGE_START, TEXT, SubModel, UnifiedTr
 from ernielab.unified.moe import balance_stats, expert_load
 from ernielab.unified.sequences import collate, image_to_text_sequence, model_inputs, text_to_image_sequence
 from ernielab.unified.tokenizer import TextTokenizer
-from ernielab.unified.vq import VQTokenizer
+from ernielab.unified.vq import NO_CODE, VQTokenizer
 from ernielab.worlds.alignment import check, score
 from ernielab.worlds.shapes import KINDS, ShapesWorld, make_prompts
 
@@ -83,7 +83,7 @@ def image_alignment(model: UnifiedTransformer, vq: VQTokenizer, tok: TextTokeniz
 @torch.no_grad()
 def decoding_speed(model: UnifiedTransformer, vq: VQTokenizer, tok: TextTokenizer, images: torch.Tensor,
                    sub: SubModel | None = None, batch: int = 8, repeats: int = 5) -> dict:
-    """Tokens/s of image generation (one row per step, no guidance, greedy) and of greedy captioning."""
+    """Tokens/s of image generation (one row or scale per step, no guidance, greedy) and of greedy captioning."""
     prompts = [tok.encode(p) for p in make_prompts("single", batch, seed=1)]
     codes = vq.encode(images[:batch])
 
@@ -102,10 +102,11 @@ def decoding_speed(model: UnifiedTransformer, vq: VQTokenizer, tok: TextTokenize
     t_img, c_img, (img_codes, img_steps) = best_time(lambda: generate_image_codes(model, prompts, sub, 1.0, 0.0))
     t_txt, c_txt, (ids, txt_steps) = best_time(lambda: caption_codes(model, codes, sub=sub))
     text_tokens = sum(len(r) + 1 for r in ids)  # + EOS
-    return {"image_tokens_per_s": img_codes.numel() / t_img, "image_steps": img_steps,
-            "image_tokens_per_step": img_codes.numel() // (batch * img_steps),
-            "text_tokens_per_s": text_tokens / t_txt, "batch": batch,
-            "image_tokens_per_cpu_s": img_codes.numel() / c_img, "text_tokens_per_cpu_s": text_tokens / c_txt}
+    image_tokens = int((img_codes != NO_CODE).sum())  # multi-scale codes pad each scale to the grid
+    return {"image_tokens_per_s": image_tokens / t_img, "image_steps": img_steps,
+            "image_tokens_per_step": image_tokens // (batch * img_steps),
+            "text_tokens_per_s": text_tokens / t_txt, "batch": batch, "image_seconds_per_image": t_img / batch,
+            "image_tokens_per_cpu_s": image_tokens / c_img, "text_tokens_per_cpu_s": text_tokens / c_txt}
 
 
 @torch.no_grad()

@@ -71,10 +71,19 @@ def load_model(folder: str | Path) -> tuple[UnifiedTransformer, VQTokenizer, dic
     model = UnifiedTransformer(model_config(folder, meta))
     _load_into(model, folder / "model.safetensors")
     vq = load_vq(folder)
-    if vq.config.codebook_size != model.config.codebook_size or vq.config.grid != model.config.image_grid:
-        raise ValueError(f"{folder}: the VQ ({vq.config.codebook_size} codes, grid {vq.config.grid}) does not "
-                         f"match the model ({model.config.codebook_size} codes, grid {model.config.image_grid})")
+    mismatch = vq_mismatch(vq.config, model.config)
+    if mismatch:
+        raise ValueError(f"{folder}: {mismatch}")
     return model.eval(), vq, meta
+
+
+def vq_mismatch(vq: VQConfig, model: UnifiedConfig) -> str | None:
+    """Why a VQ cannot tokenise images for a model (codebook, grid or scales differ), or None."""
+    scales = model.image_scales if model.image_order == "scales" else ()
+    if vq.codebook_size != model.codebook_size or vq.grid != model.image_grid or tuple(vq.scales) != tuple(scales):
+        return (f"the VQ ({vq.codebook_size} codes, grid {vq.grid}, scales {list(vq.scales)}) does not match the "
+                f"model ({model.codebook_size} codes, grid {model.image_grid}, scales {list(scales)})")
+    return None
 
 
 def model_config(folder: Path, meta: dict) -> UnifiedConfig:

@@ -13,6 +13,21 @@ so the g positions of a block see each other, all earlier blocks and all text be
 each emits one token of the next row: an image takes g decoding steps instead of g*g (next group of
 tokens). The last block (row g-1) is only needed when something follows the image (captioning).
 
+With `image_order="scales"` (ERNIE 5.0's next-scale prediction over a multi-scale residual VQ with token-map
+sides n_0 < .. < n_{S-1} = g) the image is S + 1 blocks, one group each:
+
+    block 0   = n_0^2 learned start slots                                   -> predicts scale 0
+    block k   = scale k-1's codes, nearest-upsampled to n_k x n_k           -> predicts scale k
+    block S   = scale S-1's codes (only when something follows the image)
+
+so a token sees every coarser scale and, bidirectionally, its own: an image takes S decoding steps. VAR feeds
+the upsampled sum of all coarser scales' code vectors at scale k; here each position holds the one code of its
+parent cell in scale k-1 (one integer token per position, so the KV cache and the token interface stay as they
+are) and reaches the coarser scales through attention. Positions: every image cell has a learned embedding
+(per block, h, w, as the rows' cells do), and rotary positions have three axes, (group, h, w): text carries its
+group on all three, image cells their block's group and their centre in units of the finest grid, so a cell and
+its parents and children sit at nearby (h, w).
+
 Elastic sub-models are run through `SubModel` (a subset of layers, per-layer expert masks, a smaller
 top-k) and can be cut out as standalone models (see `submodel.py`).
 """
@@ -33,6 +48,27 @@ from ernielab.unified.moe import MoEFeedForward
 
 TEXT, IMAGE, IMAGE_START = 0, 1, 2  # modality of an input position
 IGNORE = -100
+
+
+def scale_block_sides(scales: tuple[int, ...]) -> tuple[int, ...]:
+    """Side of each image block of the "scales" layout: block k < S predicts scale k; block S holds the last."""
+    return tuple(scales) + (scales[-1],)
+
+
+def image_cells(cfg: UnifiedConfig) -> int:
+    """Rows of the learned image-cell table: the start row and every cell ("rows"), or every block's cells."""
+    if cfg.image_order == "scales":
+        return sum(n * n for n in scale_block_sides(cfg.image_scales))
+    return cfg.image_grid + cfg.image_grid ** 2
+
+
+def scale_cell_centres(scales: tuple[int, ...]) -> torch.Tensor:
+    """[cells, 2] float: (h, w) of each cell of the "scales" layout, its centre in units of the finest grid."""
+    grid, rows = scales[-1], []
+    for side in scale_block_sides(scales):
+        centre = (torch.arange(side, dtype=torch.float32) + 0.5) * grid / side - 0.5
+        rows.append(torch.stack(torch.meshgrid(centre, centre, indexing="ij"), -1).reshape(-1, 2))
+    return torch.cat(rows)
 
 
 @dataclasses.dataclass
@@ -101,6 +137,16 @@ class MTPHead(nn.Module):
         return h + self.proj(self.norm(h))
 
 
+def attention_mask(group: torch.Tensor, key_group: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """[B, S_q, S_k] bool: query i sees the valid keys j with group[j] <= group[i]. The queries are the last
+    S_q keys (the earlier ones are cached)."""
+    mask = (key_group[:, None, :] <= group[:, :, None]) & key_valid[:, None, :]
+    past = key_group.shape[1] - group.shape[1]
+    diagonal = torch.eye(group.shape[1], dtype=torch.bool, device=group.device)
+    mask[:, :, past:] |= diagonal  # a padding query still sees itself: no all-masked softmax rows
+    return mask
+
+
 class UnifiedTransformer(nn.Module):
     def __init__(self, cfg: UnifiedConfig):
         super().__init__()
@@ -108,10 +154,11 @@ class UnifiedTransformer(nn.Module):
         if cfg.text_vocab_size < 5:
             raise ValueError("config.text_vocab is empty: build it with tokenizer.build_text_vocab()")
         self.config = cfg
-        g = cfg.image_grid
         self.text_embed = nn.Embedding(cfg.text_vocab_size, cfg.dim)
         self.image_embed = nn.Embedding(cfg.codebook_size, cfg.dim)
-        self.image_pos = nn.Embedding(g + g * g, cfg.dim)  # start row (g) then every cell (g*g)
+        self.image_pos = nn.Embedding(image_cells(cfg), cfg.dim)  # rows: start row (g) then every cell (g*g)
+        if cfg.image_order == "scales":  # derived from the config: not saved with the weights
+            self.register_buffer("cell_centres", scale_cell_centres(cfg.image_scales), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim)
         self.text_head = nn.Linear(cfg.dim, cfg.text_vocab_size, bias=False)
@@ -168,16 +215,31 @@ class UnifiedTransformer(nn.Module):
         if cache is not None:
             cache.group, cache.valid = key_group, key_valid
             cache.next_position = start + valid.long().sum(1)
-        mask = (key_group[:, None, :] <= group[:, :, None]) & key_valid[:, None, :]
-        past = key_group.shape[1] - group.shape[1]
-        diagonal = torch.eye(group.shape[1], dtype=torch.bool, device=group.device)
-        mask[:, :, past:] |= diagonal  # a padding query still sees itself: no all-masked softmax rows
-        rope = rope_angles(position[..., None], (self.config.dim // self.config.num_heads,), self.config.rope_theta)
+        mask = attention_mask(group, key_group, key_valid)
+        if self.config.image_order == "scales":
+            rope = rope_angles(self.scale_positions(modality, cell, group, valid), self.rope_axes(),
+                               self.config.rope_theta)
+        else:
+            rope = rope_angles(position[..., None], (self.config.dim // self.config.num_heads,),
+                               self.config.rope_theta)
         x = self.embed(tokens, modality, cell)
         for i in layers:
             expert_mask = None if sub.expert_masks is None else sub.expert_masks.get(i)
             x = self.blocks[i](x, rope, mask[:, None], cache, i, sub.top_k, expert_mask)
         return self.norm(x)
+
+    def rope_axes(self) -> tuple[int, int, int]:
+        """Rotary dims of the (group, h, w) axes of the "scales" layout."""
+        head = self.config.dim // self.config.num_heads
+        return head // 2, head // 4, head // 4
+
+    def scale_positions(self, modality: torch.Tensor, cell: torch.Tensor, group: torch.Tensor,
+                        valid: torch.Tensor) -> torch.Tensor:
+        """[B, S, 3] rotary positions of the "scales" layout: text (group, group, group), image cells
+        (group, h, w) with h, w their centre on the finest grid; padding at 0."""
+        t = torch.where(valid, group, 0).float()[..., None]
+        hw = self.cell_centres[cell.clamp_min(0)]
+        return torch.cat([t, torch.where((modality != TEXT)[..., None], hw, t.expand_as(hw))], -1)
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.text_head(h)

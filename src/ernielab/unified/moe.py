@@ -28,6 +28,12 @@ none has a Python loop over tokens and none evaluates an expert on tokens not ro
   matmuls instead of 3 is faster.
 - "grouped": the same with separate gate and up grouped matmuls (the pre-fusion dispatch, kept to
   measure against).
+- "gpu": the dispatch designed for GPUs (`moe_gpu.py`): no host synchronisation (every size follows from the
+  input's shape, so CUDA graphs and torch.compile take the whole layer), one sort, expert groups padded
+  with zero rows to `moe_gpu.GPU_GROUP_ALIGN` rows for grouped GEMM kernels, gate|up fused, the gate folded
+  into the hidden rows, and no atomic adds (tokens leave the buffer by a gather and a sum over their k
+  rows). On the CPU it computes the same values as the other modes (tested); its speed is a GPU question
+  (benchmarks/gpu_moe_hst.py).
 - "padded": every assignment gets a slot in its expert's row of a zero-padded [E, C, D] buffer, C = the
   most tokens any expert received *in this call* (nothing is dropped), and each weight is applied with
   one `torch.bmm` over all experts. Not the default: it pays for the padding (C is set by the busiest
@@ -59,9 +65,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernielab.core.layers.mlp import GeGLU
-from ernielab.unified import moe_kernel
+from ernielab.unified import moe_gpu, moe_kernel
 
-_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+# public from torch 2.10; torch 2.8-2.9 have only the private op, on CUDA
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | None = None,
@@ -72,9 +79,11 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor |
     cumsum of counts: the end row of every group), or both when several matmuls share one grouping.
     """
     aligned = all(n * x.element_size() % 16 == 0 for n in weight.shape[1:])  # grouped_mm's stride rule
-    if _HAS_GROUPED_MM and aligned and x.dtype == weight.dtype and x.shape[0] > 0:
+    # on CUDA the kernels take bf16 (other dtypes may be refused); the private op of torch < 2.10 is CUDA-only
+    usable = _GROUPED_MM is not None and (x.dtype == torch.bfloat16 if x.is_cuda else hasattr(F, "grouped_mm"))
+    if usable and aligned and x.dtype == weight.dtype and x.shape[0] > 0:
         offsets = counts.cumsum(0, dtype=torch.int32) if offsets is None else offsets
-        return F.grouped_mm(x.contiguous(), weight, offs=offsets)
+        return _GROUPED_MM(x.contiguous(), weight, offs=offsets)
     if counts is None:
         counts = offsets.diff(prepend=offsets.new_zeros(1))
     parts = [chunk @ weight[e] for e, chunk in enumerate(x.split(counts.tolist())) if chunk.shape[0]]
@@ -109,8 +118,10 @@ def group_ends(sorted_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 
 def expert_load(index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert: index [..., k] of expert ids -> int64 counts [E]."""
-    return torch.bincount(index.reshape(-1), minlength=num_experts)
+    """Assignments per expert: index [..., k] of expert ids -> int64 counts [E]. A scatter-add into E slots
+    rather than bincount, whose CUDA kernel reads the largest id back to the host to size its output."""
+    flat = index.reshape(-1)
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def balance_stats(counts: torch.Tensor, active: torch.Tensor | None = None) -> dict[str, float]:
@@ -209,7 +220,8 @@ class MoEFeedForward(nn.Module):
     `w_up` are views of its halves), down as w_down [E, H, D].
     """
 
-    DISPATCH_MODES = ("auto", "kernel", "fused", "grouped", "padded")
+    DISPATCH_MODES = ("auto", "kernel", "fused", "grouped", "padded", "gpu")
+    gpu_group_align = moe_gpu.GPU_GROUP_ALIGN  # "gpu" mode: expert groups padded to a multiple of this many rows
 
     def __init__(self, dim: int, num_experts: int, expert_hidden: int, top_k: int, shared_hidden: int = 0,
                  balance_rate: float = 1e-2, dispatch: str = "auto"):
@@ -299,6 +311,9 @@ class MoEFeedForward(nn.Module):
         if mode == "kernel":
             out = x.new_zeros(x.shape) if base is None else base
             return moe_kernel.routed_experts(x, index, gate, self.w_gate_up, self.w_down, out)
+        if mode == "gpu":
+            return moe_gpu.sorted_grouped_experts(x, index, gate, self.w_gate_up, self.w_down, grouped_matmul,
+                                                  self.gpu_group_align, base)
         if mode == "padded" and index.numel():
             out = self.padded_experts(x, index, gate)
             return out if base is None else base + out

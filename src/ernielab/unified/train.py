@@ -29,7 +29,7 @@ from ernielab.core.images import to_uint8
 from ernielab.core.seeding import derive_seed, generator
 from ernielab.unified.config import TASKS, UnifiedConfig, VQConfig
 from ernielab.unified.evaluation import caption_correct, heldout
-from ernielab.unified.io import load_vq, save_model, save_vq
+from ernielab.unified.io import load_vq, save_model, save_vq, vq_mismatch
 from ernielab.unified.model import (
     IMAGE,
     IMAGE_START,
@@ -97,7 +97,7 @@ def evaluate_vq(vq: VQTokenizer, n: int = 256, seed: int = 0) -> dict[str, float
     images = images.to(next(vq.parameters()).device)
     codes = vq.encode(images)
     recon = vq.decode(codes)
-    counts = torch.bincount(codes.flatten(), minlength=vq.config.codebook_size).double()
+    counts = torch.bincount(codes[codes >= 0], minlength=vq.config.codebook_size).double()  # multi-scale: -1 pads
     p = counts / counts.sum()
     perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
     orig_u8, rec_u8 = to_uint8(images), to_uint8(recon)
@@ -179,6 +179,11 @@ class UnifiedTrainConfig(EngineSettings):
     mtp_weight: float = bounded(0.3, ge=0)
     caption_dropout: float = bounded(0.1, ge=0, le=1)  # empty caption for caption -> image: enables guidance
     train_size: int = bounded(20_000, ge=1)  # rendered training items (images + captions)
+    # how the task losses combine: "sum" (all weights 1) or "posterior" (each weighted by the estimated precision
+    # of its loss, 1 / running mean, normalised to mean 1: see PosteriorBalance)
+    loss_balance: str = bounded("sum", choices=("sum", "posterior"))
+    balance_momentum: float = bounded(0.98, ge=0, lt=1)  # of the running mean of each task's loss
+    balance_warmup: int = bounded(100, ge=0)  # steps summed with weight 1 while the running means settle
 
     def check(self) -> None:
         if not self.tasks or len(set(self.tasks)) != len(self.tasks) or not set(self.tasks) <= set(TASKS):
@@ -268,6 +273,58 @@ def submodel_logs(sub: SubModel, cfg: UnifiedConfig) -> dict[str, float]:
             "sub_top_k": float(0 if cfg.is_dense else sub.top_k or cfg.top_k)}
 
 
+class PosteriorBalance:
+    """Posterior-based weights of the task (modality) losses: our reading of ERNIE 5.0's modality balancing.
+
+    Each task's loss L_m is read as the negative log-likelihood of a model with its own homoscedastic noise
+    scale s_m, whose objective is L_m / s_m + log s_m (Kendall et al. 2018). Its posterior mode at the task's
+    current loss is s_m = L_m, so the task's weight is the estimated precision 1 / L_m, taken from a
+    bias-corrected running mean of L_m (closed form, no learned parameter that could lag or collapse) and
+    normalised to a mean weight of 1 so that the learning rate means what it means for the plain sum. The
+    gradient of sum_m L_m / mean(L_m) is that of sum_m log L_m: a relative improvement counts the same in every
+    modality, whatever its loss scale (after 600 steps: image codes ~2 nats, captions ~0.6, text ~1).
+
+    The weights of a step come from the means before it; the first `warmup` steps sum with weight 1. The step's
+    task losses (the mean over micro-batches) update the means after the optimizer step. `state` resumes it.
+    """
+
+    def __init__(self, tasks: tuple[str, ...], momentum: float, warmup: int):
+        self.tasks, self.momentum, self.warmup = tuple(tasks), momentum, warmup
+        self.mean = torch.zeros(len(self.tasks), dtype=torch.float64)  # running mean, before bias correction
+        self.updates = 0
+        self.pending: list[list[float]] = []  # this step's task losses, one row per micro-batch
+
+    def weights(self, step: int) -> dict[str, float]:
+        if step < self.warmup or self.updates == 0:
+            return dict.fromkeys(self.tasks, 1.0)
+        estimate = self.mean / (1 - self.momentum ** self.updates)
+        precision = 1 / estimate.clamp_min(1e-6)
+        return dict(zip(self.tasks, (precision * len(self.tasks) / precision.sum()).tolist()))
+
+    def observe(self, task_losses: dict[str, float]) -> None:
+        self.pending.append([task_losses[t] for t in self.tasks])
+
+    def update(self) -> dict[str, float]:
+        """Fold the step's losses into the running means; -> the bias-corrected means, for the log."""
+        if self.pending:
+            step_mean = torch.tensor(self.pending, dtype=torch.float64).mean(0)
+            self.mean = self.momentum * self.mean + (1 - self.momentum) * step_mean
+            self.updates += 1
+            self.pending = []
+        if not self.updates:
+            return {}
+        estimate = self.mean / (1 - self.momentum ** self.updates)
+        return {f"{t}_loss_mean": v for t, v in zip(self.tasks, estimate.tolist())}
+
+    def state(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "mean": self.mean.clone(), "updates": self.updates}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if list(state["tasks"]) != list(self.tasks):
+            raise ValueError(f"the checkpoint balances tasks {state['tasks']}, this run {list(self.tasks)}")
+        self.mean, self.updates, self.pending = state["mean"].to(torch.float64).clone(), int(state["updates"]), []
+
+
 class UnifiedTask(Task):
     """The unified model on shapes world (caption -> image, image -> caption, text) with elastic sub-model
     draws, MTP heads and in-place distillation; after every optimizer step the routers' biases take one
@@ -284,11 +341,15 @@ class UnifiedTask(Task):
             raise ValueError(f"the VQ in {config.vq_dir} makes {self.vq.config.grid}x{self.vq.config.grid} grids "
                              f"of {self.vq.config.codebook_size} codes; the model expects {model_cfg.image_grid}x"
                              f"{model_cfg.image_grid} of {model_cfg.codebook_size}")
+        if vq_mismatch(self.vq.config, model_cfg):  # the scales: "scales" models need a multi-scale VQ
+            raise ValueError(f"{config.vq_dir}: {vq_mismatch(self.vq.config, model_cfg)}")
         if not model_cfg.text_vocab:  # the compact vocabulary, deterministic: resumed runs compare equal
             config = config.replace(model=model_cfg.replace(text_vocab=build_text_vocab()))
         self.config, self.progress, self.accelerator = config, progress, accelerator
         self.tok = TextTokenizer(config.model.text_vocab)
         self.meter = LoadMeter()
+        self.balance = (PosteriorBalance(config.tasks, config.balance_momentum, config.balance_warmup)
+                        if config.loss_balance == "posterior" else None)
         self._corpus: ShapesCorpus | None = None
 
     def train(self) -> dict:
@@ -335,23 +396,40 @@ class UnifiedTask(Task):
         distill = cfg.model.elastic.distill
         teach = distill > 0 and not sub.is_full()
         loss, parts = torch.zeros((), device=self.engine.device), {}
+        weights = self.balance.weights(step) if self.balance else None
+        task_losses = {}  # what the balance observes
         for task, b in batch["tasks"].items():
             teacher = full_model_logits(net, b) if teach else None
             task_loss, task_parts = unified_loss(net, b, sub, cfg.mtp_weight, teacher, distill)
-            loss = loss + task_loss
+            loss = loss + (task_loss if weights is None else weights[task] * task_loss)
             parts.update({f"{task}_{k}": v for k, v in task_parts.items()})
+            task_losses[task] = task_loss.item()
             if sub.expert_masks is None:
                 self.meter.add(net, b, sub.layers)
+        if self.balance:
+            self.balance.observe(task_losses)
+            parts.update({f"{task}_weight": w for task, w in weights.items()})
         return loss, {**parts, **submodel_logs(sub, cfg.model)}
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
         """Auxiliary-loss-free balancing: each router's bias moves toward equal load (experts masked this step
-        are left alone); on logging steps, the expert load per modality since the last one."""
+        are left alone); the posterior loss balance takes in the step's task losses. On logging steps, the expert
+        load per modality since the last one (and the balance's running mean losses)."""
         sub = self.submodel(step)
         for i, moe in self.unwrap(model).moe_layers():
             moe.router.update_bias(None if sub.expert_masks is None else sub.expert_masks.get(i))
+        balance_logs = self.balance.update() if self.balance else {}
         done = step + 1
-        return self.meter.summary() if done % self.config.log_every == 0 or done == self.config.steps else {}
+        if done % self.config.log_every == 0 or done == self.config.steps:
+            return {**self.meter.summary(), **balance_logs}
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        return {"balance": self.balance.state()} if self.balance else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.balance and "balance" in state:  # absent when branching from a run that summed its losses
+            self.balance.load_state(state["balance"])
 
     def export(self, model: nn.Module, run_dir: Path) -> Path:
         kind = "dense" if self.config.model.is_dense else "moe"
