@@ -20,7 +20,7 @@ def benchmarks_on_path():
 
 def test_every_script_is_covered():
     assert SCRIPTS == ["unified_cut_retention", "unified_decode_profile", "unified_moe_dispatch",
-                       "unified_next_scale", "unified_speculative", "unified_speed", "unified_table"]
+                       "unified_next_scale", "unified_rl_eval", "unified_speculative", "unified_speed", "unified_table"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
