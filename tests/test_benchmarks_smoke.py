@@ -21,6 +21,7 @@ SMOKE = {  # script -> its smoke arguments
     "alignment_detector": ["--smoke"],
     "dpo": ["--smoke"],
     "enhancer": ["--smoke"],
+    "enhancer_paraphrase": ["--smoke"],
     "fid_floor": ["--smoke"],
     "transformer_speed": ["--smoke"],
     "turbo": ["--smoke"],
@@ -29,7 +30,9 @@ SMOKE = {  # script -> its smoke arguments
 }
 COVERED_ELSEWHERE = ("unified_", "sparse_")
 NOT_HERE = {"serve_load",  # starts three server processes (~35 s); scripts/smoke_benchmarks.sh runs it
-            "gpu_image"}  # tests/image/test_gpu_benchmark_smoke.py runs its smoke mode
+            "gpu_image",  # tests/image/test_gpu_benchmark_smoke.py runs its smoke mode
+            "gpu_moe_hst",  # tests/unified/test_gpu_moe_hst_smoke.py
+            "paraphrase_eval"}  # tests/image/test_paraphrase_eval.py
 # what each smoke run writes (relative to its working folder); the others only print
 REPORTS = {
     "aesthetic": "outputs/aesthetic_benchmark_smoke/results.json",

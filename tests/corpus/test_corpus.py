@@ -154,6 +154,12 @@ def test_end_to_end_on_mnist_folder(digits_folder, user_module, scorer_dir, tmp_
     size_only = json.loads((tmp_path / "b0.json").read_text())
     assert rare_share(size_only) > 2 * uniform  # sqrt-size weights: 0.274 expected, measured 0.285
 
+    pairs = tmp_path / "train.jsonl"
+    run("export", manifest, "--out", pairs, "--captions", "caption_short,caption_alt")
+    lines = [json.loads(x) for x in pairs.read_text().splitlines()]
+    assert len(lines) == 2 * sum(COUNTS) and not dup_ids & {x["id"] for x in lines}  # duplicates left out
+    assert {x["caption"] for x in lines if x["id"] == row["id"]} == {row["caption_short"], row["caption_alt"]}
+
 
 def test_interrupted_step_resumes(digits_folder, user_module, tmp_path):
     root, _ = digits_folder

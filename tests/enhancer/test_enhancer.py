@@ -1,5 +1,7 @@
-"""Prompt enhancer: intents and their checker, the chat input format, seeded sampling, the shipped model, CLIs."""
+"""Prompt enhancer: intents and their checker, the chat input format, seeded sampling, the shipped model, CLIs;
+diversified training inputs and the faithfulness check behind `generate --enhance`."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from ernielab.enhancer.intents import (
     IntentObject,
     caption_consistent,
     check_intent,
+    intent_pair,
     make_intents,
     parse_caption,
     parse_intent,
@@ -187,6 +190,9 @@ def test_shipped_enhancer(shipped):
     size = sum(f.stat().st_size for f in DEFAULT_ENHANCER.rglob("*") if f.is_file())
     assert size < 10 * 2**20
     assert shipped.tokenizer.chat_template  # same code path as a real enhancer
+    from ernielab.worlds.prompt_facts import contradictions
+
+    assert shipped.rewrite_check is contradictions  # `generate --enhance` checks its rewrites by default
     for intent in ["a red thing", "three shapes", "a blue shape left of something"]:
         revised = shipped.enhance(intent, seed=0)
         assert caption_consistent(intent, revised), (intent, revised)
@@ -347,11 +353,13 @@ def test_every_config_loads():
     assert "default" in {p.stem for p in configs}
     for path in configs:
         EnhancerTrainConfig.load(path)
-    default = EnhancerTrainConfig.load(REPO / "configs" / "enhancer" / "default.json")
+    # the bundled enhancer is the run of one of these files, as the training config saved beside it says
+    source = EnhancerTrainConfig.load(DEFAULT_ENHANCER / "train_config.json")
+    assert any(EnhancerTrainConfig.load(p).replace(output_dir=source.output_dir) == source for p in configs)
     shipped = json.loads((DEFAULT_ENHANCER / "config.json").read_text())
-    assert (default.n_layer, default.n_embd, default.n_head, default.n_positions) == (
+    assert (source.n_layer, source.n_embd, source.n_head, source.n_positions) == (
         shipped["n_layer"], shipped["n_embd"], shipped["n_head"], shipped["n_positions"])
-    assert EnhancerConfig.load(DEFAULT_ENHANCER / "enhancer.json").system_prompt == default.system_prompt
+    assert EnhancerConfig.load(DEFAULT_ENHANCER / "enhancer.json").system_prompt == source.system_prompt
 
 
 def test_enhancer_group_cli(tmp_path):
@@ -370,3 +378,126 @@ def test_enhancer_group_cli(tmp_path):
     res = run("enhancer", "enhance", "a red thing", "--model", tmp_path / "run" / "enhancer", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.splitlines()[-1])["prompt"] == "a red thing"
+
+
+# ----------------------------------------------------------------------------- diversified inputs, faithfulness
+
+
+def test_paraphrase_pairs_keep_every_stated_fact():
+    from ernielab.enhancer.intents import paraphrase_pair
+    from ernielab.worlds.phrasing import STYLES
+    from ernielab.worlds.prompt_facts import contradictions
+
+    for style in STYLES:
+        pairs = [paraphrase_pair(2, "train", i, [style]) for i in range(12)]
+        for p in pairs:
+            assert contradictions(p.intent, p.target) == [], (style, p.intent, p.target)
+            assert parse_caption(p.target).kind == p.kind, p.target
+        assert len({p.intent for p in pairs}) > 1
+    # a stated fact that the target breaks is caught (the check can fail)
+    p = paraphrase_pair(2, "train", 0, [STYLES[0]])
+    other = next(c for c in ("red", "green", "blue", "yellow", "cyan", "magenta") if c not in p.target)
+    broken = re.sub(r"\b(red|green|blue|yellow|cyan|magenta)\b", other, p.target)
+    assert contradictions(p.intent, broken), (p.intent, broken)
+
+
+def test_nonsense_words_state_nothing():
+    from ernielab.enhancer.intents import nonsense_word, with_nonsense_words
+    from ernielab.worlds.phrasing import EVAL
+    from ernielab.worlds.prompt_facts import extract_facts
+
+    rng = np.random.default_rng(0)
+    eval_words = {w for ws in EVAL.wordings().values() for t in ws for w in re.findall(r"[a-z]+", t)}
+    assert not {nonsense_word(rng) for _ in range(3000)} & eval_words  # "petite" could be made: it never is
+    for i in range(30):
+        text = intent_pair(0, "train", i).intent
+        noised = with_nonsense_words(text, rng, 3)
+        assert len(noised.split()) > len(text.split()) and extract_facts(noised) == extract_facts(text), noised
+
+
+def test_input_mix_defaults_draw_the_intents_only():
+    from ernielab.enhancer.train import make_pairs
+
+    base = EnhancerTrainConfig(num_pairs=40)
+    plain = make_pairs(base, 40, "train")
+    assert [p["intent"] for p in plain] == [intent_pair(base.seed, "train", i).intent for i in range(40)]
+    mixed = make_pairs(base.replace(paraphrase_fraction=0.5), 40, "train")
+    changed = [a["intent"] != b["intent"] for a, b in zip(plain, mixed)]
+    assert 5 < sum(changed) < 35  # about half are paraphrases; the others are the very same intents
+    assert [(p["target"], p["size"]) for p, c in zip(plain, changed) if not c] == \
+        [(p["target"], p["size"]) for p, c in zip(mixed, changed) if not c]
+    noised = make_pairs(base.replace(nonsense_fraction=0.5), 40, "train")
+    assert [p["target"] for p in noised] == [p["target"] for p in plain]  # made-up words change no target
+    assert 5 < sum(a["intent"] != b["intent"] for a, b in zip(plain, noised)) < 35
+
+
+def test_training_with_paraphrases_scores_unseen_wordings(tmp_path):
+    cfg = tiny_train_config(tmp_path, paraphrase_fraction=0.5, n_eval=1, n_eval_paraphrase=1)
+    result = train_enhancer(cfg)
+    scores = result["held_out"]
+    assert scores["paraphrase_n"] == 3 and 0 <= scores["paraphrase_consistent"] <= 1
+    assert scores["paraphrase_consistent_caption"] <= scores["paraphrase_consistent"]
+    saved = EnhancerTrainConfig.load(tmp_path / "enhancer" / "train_config.json")
+    assert saved.paraphrase_fraction == 0.5 and saved.n_layer == cfg.n_layer
+    assert EnhancerConfig.load(tmp_path / "enhancer" / "enhancer.json").rewrite_check == "shapes_facts"
+    with pytest.raises(ValueError, match="paraphrase_styles"):
+        EnhancerTrainConfig(paraphrase_fraction=0.5, paraphrase_styles=("no-such-style",)).validate()
+
+
+@pytest.fixture(scope="module")
+def noisy_enhancer(tokenizer):
+    """Untrained, with room for long prompts: its rewrites are noise that keeps no stated fact."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=16, n_layer=1, n_head=2,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return PromptEnhancer(GPT2LMHeadModel(cfg), tokenizer, EnhancerConfig(system_prompt="describe", max_new_tokens=12))
+
+
+def test_paraphrase_consistency_counts_contradictions(noisy_enhancer, tiny_enhancer):
+    from ernielab.enhancer.train import paraphrase_consistency
+
+    scores = paraphrase_consistency(noisy_enhancer, 2, seed=0)
+    assert scores["paraphrase_n"] == 6 and scores["paraphrase_too_long"] == 0
+    assert scores["paraphrase_consistent"] < 0.5 and scores["paraphrase_consistent_caption"] == 0.0
+    short = paraphrase_consistency(tiny_enhancer, 2, seed=0)  # 96 positions: some prompts do not fit
+    assert short["paraphrase_too_long"] > 0 and short["paraphrase_consistent"] < 0.5
+
+
+def test_enhancer_eval_cli(tmp_path):
+    res = run("enhancer", "eval", "--n-intents", 2, "--n-paraphrase", 1, "--out", tmp_path / "scores.json")
+    assert res.exit_code == 0, res.output
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["n"] == 2 and scores["paraphrase_n"] == 3 and 0 <= scores["paraphrase_consistent"] <= 1
+    for bad, fragment in [(["--n-intents", -1], "--n-intents"), (["--out", tmp_path / "s.txt"], ".json"),
+                          (["--n-intents", 0, "--n-paraphrase", 0], "not both 0")]:
+        res = run("enhancer", "eval", *bad)
+        lines = [l for l in res.output.strip().splitlines() if l.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and fragment in lines[0], res.output
+    assert not (tmp_path / "s.txt").exists()
+
+
+def test_generate_falls_back_where_the_rewrite_contradicts(tiny_pipeline_dir, noisy_enhancer, tmp_path):
+    """An untrained enhancer writes noise, which keeps none of the prompt's facts: every image falls back to its
+    prompt, one line each; --no-enhance-check draws from the noise."""
+    folder = tmp_path / "noisy"
+    PromptEnhancer(noisy_enhancer.model, noisy_enhancer.tokenizer,
+                   noisy_enhancer.config.replace(rewrite_check="shapes_facts")).save_pretrained(folder)
+    (tmp_path / "p.txt").write_text("a red circle\ntwo blue squares\n")
+    base = ("generate", "--prompts", tmp_path / "p.txt", "--model", tiny_pipeline_dir, "--steps", 2,
+            "--enhancer", folder)
+    res = run(*base, "--out", tmp_path / "checked")
+    assert res.exit_code == 0, res.output
+    lines = [l for l in res.stdout.splitlines() if l.startswith("enhancer fallback: ")]
+    assert len(lines) == 2 and "'a red circle'" in lines[0] and "'two blue squares'" in lines[1], res.stdout
+    record = json.loads((tmp_path / "checked" / "prompts.json").read_text())
+    assert record["revised_prompts"] == ["a red circle", "two blue squares"]
+    assert all(f["reasons"] for f in record["enhancer_fallbacks"])
+    res = run(*base, "--out", tmp_path / "unchecked", "--no-enhance-check")
+    assert res.exit_code == 0 and "enhancer fallback" not in res.stdout, res.output
+    record = json.loads((tmp_path / "unchecked" / "prompts.json").read_text())
+    assert record["enhancer_fallbacks"] == [None, None]
+    assert record["revised_prompts"] == [f["rewrite"] for f in
+                                         json.loads((tmp_path / "checked" / "prompts.json").read_text())
+                                         ["enhancer_fallbacks"]]

@@ -406,3 +406,62 @@ def test_bundled_model_strength_is_how_far_from_the_image():
     dist = [float((pt(bundled, "a red circle", image=picture, strength=s, num_inference_steps=8) - target).abs().mean())
             for s in (0.125, 0.5, 1.0)]
     assert dist[0] < dist[1] < dist[2] and dist[0] < 0.5 * dist[2], dist
+
+
+# ---- enhancer rewrite check -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped_enhancer():
+    from ernielab.enhancer.model import PromptEnhancer
+
+    return PromptEnhancer.from_pretrained()
+
+
+def test_rewrites_that_fail_the_check_fall_back_to_the_prompt(pipe, shipped_enhancer):
+    from ernielab.image.pipeline import EnhancerFallback
+
+    prompts = ["a red thing", "two shapes"]
+    rewrites = shipped_enhancer.enhance_many(prompts, seed=7)
+    reject_first = lambda prompt, rewrite: ["said no"] if prompt == prompts[0] else []  # noqa: E731
+    out = pipe(prompts, num_inference_steps=2, seed=7, enhancer=shipped_enhancer, enhancer_check=reject_first,
+               num_images_per_prompt=2, output_type="pt")
+    assert out.revised_prompts == [prompts[0]] * 2 + [rewrites[1]] * 2
+    assert out.enhancer_fallbacks == [EnhancerFallback(rewrites[0], ["said no"])] * 2 + [None] * 2
+    plain = pipe(out.revised_prompts, num_inference_steps=2, seed=7, output_type="pt")
+    assert torch.equal(out.images, plain.images)  # image k from the prompt it reports, with seed + k
+    unchecked = pipe(prompts, num_inference_steps=2, seed=7, enhancer=shipped_enhancer, enhancer_check=None)
+    assert unchecked.revised_prompts == rewrites and unchecked.enhancer_fallbacks == [None, None]
+    assert pipe(prompts, num_inference_steps=2).enhancer_fallbacks == []
+
+
+def test_default_check_is_the_enhancers_own(pipe, shipped_enhancer):
+    from ernielab.enhancer.model import PromptEnhancer
+    from ernielab.image.pipeline import resolve_enhancer_check
+    from ernielab.image.release import ReleasePromptEnhancer
+    from ernielab.worlds.prompt_facts import contradictions
+
+    checked = PromptEnhancer(shipped_enhancer.model, shipped_enhancer.tokenizer,
+                             shipped_enhancer.config.replace(rewrite_check="shapes_facts"))
+    assert resolve_enhancer_check(checked, "auto") is contradictions
+    unchecked = PromptEnhancer(shipped_enhancer.model, shipped_enhancer.tokenizer,
+                               shipped_enhancer.config.replace(rewrite_check="none"))
+    assert resolve_enhancer_check(unchecked, "auto") is None
+    release = ReleasePromptEnhancer(shipped_enhancer.model, shipped_enhancer.tokenizer)
+    assert resolve_enhancer_check(release, "auto") is None  # a release's pe/ is unchanged: no default check
+    assert resolve_enhancer_check(release, contradictions) is contradictions
+    with pytest.raises(ValueError, match="enhancer_check"):
+        pipe("a red circle", enhancer=NoWork(), enhancer_check="strict")
+
+
+def test_bundled_enhancer_never_draws_a_contradicting_rewrite(pipe, shipped_enhancer):
+    """With the default check every image is drawn from text that keeps the prompt's facts, whatever the
+    enhancer wrote; prompts in wordings it never saw (the issue's examples) are where it matters."""
+    from ernielab.worlds.prompt_facts import contradictions
+
+    prompts = ["one red triangle", "1 cyan square", "i see a pair of blue circles", "a red thing"]
+    out = pipe(prompts, num_inference_steps=2, seed=0, enhancer=shipped_enhancer)
+    rewrites = shipped_enhancer.enhance_many(prompts, seed=0)
+    for prompt, used, rewrite, fallback in zip(prompts, out.revised_prompts, rewrites, out.enhancer_fallbacks):
+        assert contradictions(prompt, used) == []
+        assert (used, fallback is None) == ((rewrite, True) if not contradictions(prompt, rewrite) else (prompt, False))
+        if fallback is not None:
+            assert fallback.rewrite == rewrite and fallback.reasons == contradictions(prompt, rewrite)

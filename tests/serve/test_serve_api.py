@@ -85,6 +85,26 @@ def test_native_generate_with_enhancer(server):
         assert all(isinstance(t, str) and t.strip() for t in revised)
 
 
+def test_enhancer_rewrites_that_contradict_the_prompt_fall_back(server):
+    """As `generate --enhance` does: a rewrite that changes a stated fact is not drawn; the prompt is, and the
+    response says why. The bundled enhancer rewrites this unseen wording into other scenes."""
+    from ernielab.worlds.prompt_facts import contradictions
+
+    prompt = "just one red triangle, nothing else"
+    with server.client() as c:
+        r = c.post("/v1/generate", json={"prompt": prompt, "enhance": True, "seed": 3, "n": 4, "steps": 2})
+        assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    for im in images:
+        fallback = im["enhancer_fallback"]
+        if fallback is None:
+            assert contradictions(prompt, im["revised_prompt"]) == []
+        else:
+            assert im["revised_prompt"] == prompt and fallback["reasons"]
+            assert fallback["reasons"] == contradictions(prompt, fallback["rewrite"])
+    assert any(im["enhancer_fallback"] for im in images)
+
+
 def sse_events(response) -> list[tuple[str, dict]]:
     events, name = [], None
     for line in response.iter_lines():

@@ -292,3 +292,99 @@ def test_data_config_kind_weights_reach_the_dataset():
     assert {build_dataset(cfg.replace(size=20))[i]["kind"] for i in range(20)} == {"single"}
     with pytest.raises(ValueError, match="kinds must be"):
         build_dataset(DataConfig(kind_weights={"triangle": 1.0}))
+
+
+# ----------------------------------------------------------------------------- caption styles and held-out combinations
+
+
+def test_default_captions_are_todays_templates():
+    from ernielab.worlds.shapes import sample_item_scene
+
+    ds = ShapesWorld(40, seed=5)
+    for i in range(40):
+        scene, rng = sample_item_scene(5, "train", i)
+        assert ds.scene(i)[1] == caption(scene, rng)
+
+
+def test_caption_styles_vary_wording_deterministically():
+    from ernielab.worlds.registry import DataConfig, build_dataset
+    from ernielab.worlds.shapes import sample_item_scene
+
+    data = DataConfig(size=200, seed=5, caption_styles={"paraphrase": 1.0, "keywords": 1.0})
+    ds = build_dataset(data)
+    texts = [ds.scene(i)[1] for i in range(200)]
+    assert texts == [build_dataset(data).scene(i)[1] for i in range(200)]
+    assert sum("," in t for t in texts) > 50  # keyword lists
+    plain = ShapesWorld(200, seed=5)
+    assert all(ds.scene(i)[0] == plain.scene(i)[0] for i in range(200))  # same scenes, other words
+    assert sum(t != plain.scene(i)[1] for i, t in enumerate(texts)) > 150
+    scene, _ = sample_item_scene(5, "train", 0)
+    assert ds[0]["scene"] == scene.to_dict()
+
+
+def test_holdout_combinations_never_appear_in_scenes():
+    from ernielab.worlds.shapes import has_combination, parse_combination
+
+    held = ["red triangle left of", "blue circle above"]
+    combos = [parse_combination(c) for c in held]
+    plain = ShapesWorld(1200, seed=1, kinds=["relation"])
+    assert sum(has_combination(plain.scene(i)[0], combos) for i in range(1200)) > 20  # they do occur by default
+    ds = ShapesWorld(1200, seed=1, kinds=["relation"], holdout_combinations=held)
+    for i in range(1200):
+        scene, _ = ds.scene(i)
+        a, b = scene.objects
+        assert (a.color, a.shape, scene.relation) not in combos
+        assert (b.color, b.shape, INVERSE_RELATION[scene.relation]) not in combos
+    assert ds.scene(7) == ShapesWorld(1200, seed=1, kinds=["relation"], holdout_combinations=held).scene(7)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("caption_styles", {"poem": 1.0}, "caption_styles"),
+    ("caption_styles", {"template": -1.0}, "caption_styles"),
+    ("holdout_combinations", ["red hexagon left of"], "holdout_combinations"),
+    ("holdout_combinations", ["red triangle near"], "holdout_combinations"),
+    ("holdout_combinations", [f"{c} {s} {r}" for c in COLORS for s in SHAPES for r in RELATIONS], "no relation scene"),
+])
+def test_data_config_refuses_bad_styles_and_combinations(field, value, match):
+    from ernielab.core.config import ConfigError
+    from ernielab.worlds.registry import DataConfig
+
+    with pytest.raises(ConfigError, match=match):
+        DataConfig.from_dict({field: value})
+    with pytest.raises(ConfigError, match="shapes"):
+        DataConfig.from_dict({"kind": "mnist", field: value})
+
+
+def test_data_config_round_trips_new_fields():
+    from ernielab.worlds.registry import DataConfig
+
+    data = DataConfig(caption_styles={"template": 0.5, "digits": 0.5}, holdout_combinations=["red triangle left of"])
+    assert DataConfig.from_dict(json.loads(json.dumps(data.to_dict()))) == data
+
+
+def test_combination_prompts_split_held_out_from_seen():
+    from ernielab.worlds.shapes import combination_prompt_specs, has_combination, parse_combination
+
+    held = ["red triangle left of", "green square below"]
+    combos = [parse_combination(c) for c in held]
+    specs = combination_prompt_specs(held, 30, seed=4)
+    assert len(specs["heldout"]) == len(specs["seen"]) == 30
+    for spec in specs["heldout"]:
+        a, b = spec.objects
+        assert (a.color, a.shape, spec.relation) in combos and (b.color, b.shape) != (a.color, a.shape)
+        assert parse_prompt(spec.text).objects == spec.objects
+    for spec in specs["seen"]:
+        scene = scene_from_prompt(spec, np.random.default_rng(0))
+        assert not has_combination(scene, combos)
+    assert specs == combination_prompt_specs(held, 30, seed=4)
+    with pytest.raises(ValueError):
+        combination_prompt_specs([], 3)
+
+
+def test_make_prompt_specs_state_make_prompts():
+    from ernielab.worlds.shapes import make_prompt_specs
+
+    for kind in KINDS:
+        specs = make_prompt_specs(kind, 50, seed=3)
+        assert [s.text for s in specs] == make_prompts(kind, 50, seed=3)
+        assert all(parse_prompt(s.text).objects == s.objects and s.kind == kind for s in specs)

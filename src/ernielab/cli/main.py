@@ -64,6 +64,10 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
                                           "the release's own (pe/) if the model has one, else the bundled one"),
              enhancer: Optional[Path] = typer.Option(None, "--enhancer",
                                                      help="enhancer folder (implies --enhance)"),
+             enhance_check: bool = typer.Option(True, "--enhance-check/--no-enhance-check",
+                                                help="draw from the prompt itself where the enhancer's rewrite "
+                                                "contradicts it (the enhancer's own check: shapes-world facts for "
+                                                "the bundled one, none for a release's pe/)"),
              image: Optional[Path] = typer.Option(None, "--image", help="start from this picture (image-to-image; "
                                                   "the output has its size unless --size is given)"),
              strength: Optional[float] = typer.Option(None, "--strength", help="with --image: how much to change "
@@ -122,8 +126,13 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
                          shift=shift, seed=seed, batch_size=batch_size, negative_prompt=negative, **extra)
     result = pipe(texts, seed=seed, num_inference_steps=steps, guidance_scale=guidance, shift=shift, height=height,
                   width=width, negative_prompt=negative, batch_size=batch_size, progress=True,
-                  enhancer=prompt_enhancer, **extra)
+                  enhancer=prompt_enhancer, enhancer_check="auto" if enhance_check else None, **extra)
     images, revised = result.images, result.revised_prompts
+    fallbacks = result.enhancer_fallbacks[::n_per_prompt]  # one per prompt
+    for i, fallback in enumerate(fallbacks):
+        if fallback is not None:
+            typer.echo(f"enhancer fallback: prompt {i} {texts[i]!r}: rewrite {fallback.rewrite!r} contradicts it "
+                       f"({'; '.join(fallback.reasons)}); drawing from the prompt")
     if prompts is None:
         output.parent.mkdir(parents=True, exist_ok=True)
         paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}_{i}{output.suffix}")
@@ -149,6 +158,8 @@ def generate(prompt: Optional[str] = typer.Argument(None, help="the prompt (or u
         record["n_per_prompt"] = n_per_prompt
     if prompt_enhancer is not None:  # the prompts the images were drawn from
         record["revised_prompts"] = revised
+        record["enhancer_fallbacks"] = [None if f is None else {"rewrite": f.rewrite, "reasons": f.reasons}
+                                        for f in fallbacks]
         (out / "prompts.txt").write_text("".join(r + "\n" for r in revised))
     (out / "prompts.json").write_text(json.dumps(record, indent=2))
     typer.echo(f"{len(images)} images in {out}")

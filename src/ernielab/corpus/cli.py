@@ -1,4 +1,5 @@
-"""`ernielab data ...`: scan, dedupe, categorize, caption, score and sample an image corpus (see docs/corpus.md).
+"""`ernielab data ...`: scan, dedupe, categorize, caption, score, diversify, export and sample an image corpus
+(see docs/corpus.md).
 
 Each step rewrites the manifest in place (or writes --out), skips rows it has done, and resumes after an
 interruption; every bad input is one `error: ...` line with exit code 2."""
@@ -13,7 +14,8 @@ import typer
 from ernielab.core.cli import check_output_dir, set_threads, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Corpus toolchain: scan, dedupe, categorize, caption, score, sample (manifest in Parquet/JSONL).")
+                  help="Corpus toolchain: scan, dedupe, categorize, caption, score, diversify, export, sample "
+                       "(manifest in Parquet/JSONL).")
 
 MANIFEST = typer.Argument(..., help="manifest written by `ernielab data scan` (.parquet or .jsonl)")
 OUT = typer.Option(None, "--out", help="write the result here instead of updating MANIFEST in place")
@@ -133,3 +135,60 @@ def sample_(manifest: Path = MANIFEST,
     report = sample(manifest, out, n, seed, alpha, beta, temperature, not no_scores)
     _echo({k: report[k] for k in ("n", "seed", "excluded_duplicates", "category_weights", "category_share")}
           | {"out": str(out)})
+
+
+@app.command("diversify")
+@user_errors
+def diversify_(manifest: Path = MANIFEST,
+               styles: Optional[str] = typer.Option(None, help="comma-separated styles; lm: short, paraphrase, "
+                                                    "detailed, keywords, digits (the default), words, relation; "
+                                                    "grammar: template, paraphrase, detailed, keywords, digits "
+                                                    "(worlds.phrasing.STYLES, all by default)"),
+               per_image: int = typer.Option(3, "--per-image", help="rewrites per image (styles cycled in a "
+                                             "per-image shuffled order)"),
+               rewriter: str = typer.Option("lm", help="lm (any transformers causal LM) or grammar (shapes world)"),
+               lm: Optional[str] = typer.Option(None, "--lm", help="causal-LM folder or hub id (cached when "
+                                                "HF_HUB_OFFLINE is set); default: the bundled shapes enhancer"),
+               seed: int = typer.Option(0, help="rewrite k of row i is seeded by (seed, i, k)"),
+               check: Optional[str] = typer.Option(None, "--check", help="shapes (worlds.prompt_facts "
+                                                   "contradictions) or module:callable(caption, rewrite) -> list "
+                                                   "of problems; flagged rewrites go to prompts_rejected"),
+               retries: int = typer.Option(0, help="redraw a rewrite --check flags up to this many times "
+                                           "(new seed each time; every flagged draw is recorded)"),
+               source: str = typer.Option("auto", help="caption column to rewrite; auto = first non-empty of "
+                                          "caption_medium, caption, caption_detailed, caption_short"),
+               temperature: float = typer.Option(0.7, help="lm sampling temperature (0 = greedy)"),
+               top_p: float = typer.Option(0.95, "--top-p"),
+               max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
+               device: str = typer.Option("cpu", help="lm device (cpu, cuda, ...)"),
+               redo: bool = typer.Option(False, "--redo", help="replace existing rewrites (also needed to change "
+                                         "settings)"),
+               batch_size: int = typer.Option(16, help="images per batch (lm: x per-image prompts per generate)"),
+               out: Optional[Path] = OUT, save_every: int = SAVE_EVERY,
+               threads: int = typer.Option(0, help="torch CPU threads (0 = default)")):
+    """prompts = per image N rewrites of its caption in user styles (short intent, paraphrase, detailed,
+    keywords, numbers as digits...), as in the ERNIE-Image report's prompt diversification."""
+    from ernielab.corpus.diversify import diversify
+
+    _check_out(out)
+    set_threads(threads)
+    _echo(diversify(manifest, styles, per_image, rewriter, lm, seed, out, redo, check, source, batch_size,
+                    save_every, device, temperature, top_p, max_new_tokens, retries))
+
+
+@app.command("export")
+@user_errors
+def export_(manifest: Path = MANIFEST,
+            out: Path = typer.Option(..., "--out", help="JSONL of {image, caption} for data.kind=folder"),
+            captions: str = typer.Option("all", help="comma-separated caption columns and/or 'prompts' (the "
+                                         "diversified rewrites); all = every caption* column and prompts"),
+            one_per_image: bool = typer.Option(False, "--one-per-image", help="one text per image, drawn by "
+                                               "--seed (default: one line per image and text)"),
+            seed: int = typer.Option(0),
+            keep_duplicates: bool = typer.Option(False, "--keep-duplicates", help="also export rows that dedupe "
+                                                 "marked as duplicates")):
+    """Training pairs from a manifest: a JSONL that `data.kind=folder data.path=OUT` (ImageCaptionFolder) reads."""
+    from ernielab.corpus.steps import export
+
+    check_output_dir(out.parent, "folder of --out")
+    _echo(export(manifest, out, captions, one_per_image, seed, keep_duplicates))

@@ -4,7 +4,8 @@ writing anything.
 
 Columns: scan -> id, path, sha256, width, height, caption, meta (JSON text: world ground truth or extra JSONL
 keys); dedupe -> phash (256-bit hex), chroma (colour signature), duplicate_of; categorize -> category; caption -> caption_<level>;
-score -> aesthetic.
+score -> aesthetic; diversify (in `diversify.py`) -> prompts, prompts_rejected, prompts_by. `export` writes the
+manifest's texts as {image, caption} JSON lines for the folder dataset.
 """
 from __future__ import annotations
 
@@ -531,3 +532,74 @@ def sample(manifest: Path, out: Path, n: int, seed: int = 0, alpha: float = 0.5,
     finally:
         tmp.unlink(missing_ok=True)
     return report
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _export_columns(rows: list[dict], captions: str) -> list[str]:
+    present = dict.fromkeys(k for r in rows for k in r)
+    if captions.strip() == "all":
+        names = [k for k in present if k == "caption" or k.startswith("caption_")] + \
+            (["prompts"] if "prompts" in present else [])
+    else:
+        names = list(dict.fromkeys(c.strip() for c in captions.split(",") if c.strip()))
+        missing = [c for c in names if c not in present]
+        if missing:
+            raise ValueError(f"--captions: {missing} are not columns of the manifest (it has "
+                             f"{[k for k in present if k.startswith('caption') or k == 'prompts']})")
+    if not names:
+        raise ValueError("--captions: the manifest has no caption columns; run `ernielab data caption` "
+                         "(or diversify) first")
+    return names
+
+
+def row_texts(row: dict, columns: list[str]) -> list[tuple[str, str]]:
+    """(source, text) pairs of a row: each caption column, each kept rewrite ('prompts:<style>'); no repeats."""
+    pairs: dict[str, str] = {}
+    for c in columns:
+        if c == "prompts":
+            for p in row.get("prompts") or []:
+                pairs.setdefault(p["text"], f"prompts:{p['style']}")
+        elif isinstance(row.get(c), str) and row[c].strip():
+            pairs.setdefault(row[c].strip(), c)
+    return [(source, text) for text, source in pairs.items()]
+
+
+def export(manifest: Path, out: Path, captions: str = "all", one_per_image: bool = False, seed: int = 0,
+           keep_duplicates: bool = False) -> dict:
+    """A JSONL of {"image", "caption", "id", "from"} lines for `data.kind=folder`: every text of every kept
+    image (or one per image, drawn from (seed, id)); duplicates are left out unless `keep_duplicates`."""
+    import os
+
+    out = Path(out)
+    if out.suffix.lower() != ".jsonl" or out.is_dir():
+        raise ValueError(f"--out {out} must be a .jsonl file")
+    rows = read_manifest(manifest)
+    if not rows:
+        raise ValueError(f"{manifest} has no rows")
+    columns = _export_columns(rows, captions)
+    lines, without = [], 0
+    for row in rows:
+        if row.get("duplicate_of") is not None and not keep_duplicates:
+            continue
+        pairs = row_texts(row, columns)
+        if not pairs:
+            without += 1
+            continue
+        if one_per_image:
+            pairs = [pairs[int(np.random.default_rng([seed, row["id"]]).integers(len(pairs)))]]
+        lines += [{"image": row["path"], "caption": text, "id": row["id"], "from": source} for source, text in pairs]
+    if not lines:
+        raise ValueError(f"nothing to export: no row of {manifest} has a text in {columns}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"out": str(out), "lines": len(lines), "images": len({x["id"] for x in lines}), "columns": columns,
+            "rows_without_text": without}

@@ -1,5 +1,6 @@
 """`ernielab enhancer ...`: `enhance` rewrites short prompts with a prompt-enhancer LM (default: the bundled
-shapes-world one; also mounted as the top-level `ernielab enhance`), `train CONFIG.json` trains one."""
+shapes-world one; also mounted as the top-level `ernielab enhance`), `eval` scores how faithful its rewrites are,
+`train CONFIG.json` trains one."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import typer
 from ernielab.core.cli import UserError, add_train_command, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Prompt enhancer: rewrite short prompts with a causal LM (enhance), train one (train).")
+                  help="Prompt enhancer: rewrite short prompts with a causal LM (enhance), score one (eval), "
+                       "train one (train).")
 
 
 @user_errors
@@ -43,6 +45,36 @@ def enhance(prompt: Optional[str] = typer.Argument(None, help="the prompt (or us
 
 
 app.command("enhance")(enhance)
+
+
+@app.command("eval")
+@user_errors
+def eval_(model: Optional[Path] = typer.Option(None, "--model", help="enhancer folder (default: bundled enhancer)"),
+          n_intents: int = typer.Option(200, "--n-intents", help="held-out intents (val split)"),
+          n_paraphrase: int = typer.Option(100, "--n-paraphrase", help="unseen-wording prompts per kind"),
+          seed: int = typer.Option(0, help="prompt i uses seed + i"),
+          out: Optional[Path] = typer.Option(None, "--out", help="also write the scores to this JSON file")):
+    """Consistency of the rewrites: on held-out intents, and on prompts worded in ways no training pair used
+    (`worlds.phrasing`'s eval phrasebook), as the fraction of rewrites that keep every stated fact."""
+    from ernielab.core.cli import check_output_file
+    from ernielab.enhancer.model import PromptEnhancer
+    from ernielab.enhancer.train import consistency, paraphrase_consistency
+
+    if n_intents < 0 or n_paraphrase < 0 or n_intents + n_paraphrase == 0:
+        raise UserError(f"need --n-intents, --n-paraphrase >= 0, not both 0; got {n_intents} and {n_paraphrase}")
+    if out is not None:
+        check_output_file(out, (".json",))
+    enhancer = PromptEnhancer.from_pretrained(model)
+    scores = {"model": str(model) if model else "bundled", "seed": seed}
+    if n_intents:
+        scores |= consistency(enhancer, n_intents, seed)
+    if n_paraphrase:
+        scores |= paraphrase_consistency(enhancer, n_paraphrase, seed)
+    text = json.dumps(scores, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    typer.echo(text)
 
 
 def run_training(cfg) -> dict:

@@ -20,6 +20,7 @@ agrees with every attribute of an intent.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -341,6 +342,65 @@ def intent_pair(seed: int, split: str, index: int, kinds: Sequence[str] | None =
     scene, rng = sample_item_scene(seed, split, index, image_size, kinds)
     text, spec = make_intent(scene, rng, cfg)
     return IntentPair(text, full_caption(scene, rng, spec), scene.kind, spec)
+
+
+def paraphrase_pair(seed: int, split: str, index: int, styles: Sequence[str], kinds: Sequence[str] | None = None,
+                    image_size: int = 32) -> IntentPair:
+    """Pair `index` of a split whose input states the whole scene in one of `styles` of `worlds.phrasing`, from its
+    train phrasebook only (the eval phrasebook's wordings stay unseen), and whose target is a full caption keeping
+    every stated fact (`worlds.prompt_facts.contradictions` finds none). Scene `index` is intent pair `index`'s."""
+    from ernielab.worlds.phrasing import phrase
+    from ernielab.worlds.prompt_facts import contradictions
+
+    scene, rng = sample_item_scene(seed, split, index, image_size, kinds)
+    text = phrase(scene, styles[int(rng.integers(len(styles)))], rng, split="train")
+    target = full_caption(scene, rng)
+    if contradictions(text, target):  # the wording said a size the caption left out: say every size
+        sized = IntentSpec([IntentObject(size=o.size) for o in scene.objects[:2]])
+        target = full_caption(scene, rng, sized)
+    reasons = contradictions(text, target)
+    if reasons:
+        raise ValueError(f"no caption keeps the facts of {text!r}: {target!r} ({'; '.join(reasons)})")
+    spec = IntentSpec([IntentObject(o.color, o.shape, len(scene.objects) if scene.kind == "count" else 1)
+                       for o in scene.objects[:1 if scene.kind != "relation" else 2]], scene.relation, text)
+    return IntentPair(text, target, scene.kind, spec)
+
+
+_SYLLABLES = tuple(c + v for c in "bdfgkmnprstvz" for v in "aeiou")
+
+
+@functools.lru_cache(maxsize=1)
+def _phrasebook_words() -> frozenset[str]:
+    from ernielab.worlds.phrasing import PHRASEBOOKS
+
+    texts = [w for book in PHRASEBOOKS.values() for ws in book.wordings().values() for w in ws]
+    return frozenset(w for t in texts for w in re.findall(r"[a-z]+", t))
+
+
+def nonsense_word(rng: np.random.Generator) -> str:
+    """A made-up word of 2-3 syllables ("zuleka"), never a word of a phrasebook (e.g. the eval one's "petite")."""
+    while True:
+        word = "".join(_SYLLABLES[int(i)] for i in rng.integers(len(_SYLLABLES), size=int(rng.integers(2, 4))))
+        if word not in _phrasebook_words():
+            return word
+
+
+def with_nonsense_words(text: str, rng: np.random.Generator, n_words: int) -> str:
+    """`text` with `n_words` made-up words put between its words, where they leave every fact it states as it was
+    (`worlds.prompt_facts.extract_facts`); an enhancer trained on such inputs learns that words it does not know
+    say nothing, instead of reading them as some colour or count."""
+    from ernielab.worlds.prompt_facts import extract_facts
+
+    facts = extract_facts(text)
+    for _ in range(n_words):
+        words = text.split(" ")
+        for _try in range(4):
+            at = int(rng.integers(len(words) + 1))
+            candidate = " ".join([*words[:at], nonsense_word(rng), *words[at:]])
+            if extract_facts(candidate) == facts:
+                text = candidate
+                break
+    return text
 
 
 def make_intents(kind: str, n: int, seed: int = 0, split: str = "test") -> list[IntentPair]:

@@ -23,10 +23,11 @@ from typing import Sequence
 
 import torch
 
-from ernielab.core.config import Config
+from ernielab.core.config import Config, bounded
 
 DEFAULT_ENHANCER = Path(__file__).resolve().parent.parent / "assets" / "enhancer"
 ENHANCER_CONFIG = "enhancer.json"
+REWRITE_CHECKS = ("none", "shapes_facts")
 DEFAULT_SYSTEM_PROMPT = (
     "You turn a short image request into one complete, structured description of the picture. "
     "The request is JSON with the prompt and the image width and height. Name the colour, shape and "
@@ -45,6 +46,9 @@ class EnhancerConfig(Config):
     add_generation_prompt: bool = True
     # Tokenise the templated text with the tokenizer's special tokens (the release adds BOS this way).
     add_special_tokens: bool = False
+    # How a pipeline checks a rewrite against its prompt before drawing from it (a rewrite that contradicts the
+    # prompt is dropped for the prompt): "shapes_facts" = `worlds.prompt_facts.contradictions`; "none" = no check.
+    rewrite_check: str = bounded("none", choices=REWRITE_CHECKS)
 
     @classmethod
     def release(cls) -> "EnhancerConfig":
@@ -88,6 +92,16 @@ class PromptEnhancer:
         except (OSError, ValueError, KeyError) as e:  # transformers' own errors are long; keep the gist
             raise ValueError(f"cannot load a causal LM + tokenizer from {path}: {str(e).splitlines()[0]}") from None
         return cls(model, tokenizer, config)
+
+    @property
+    def rewrite_check(self):
+        """The check its config names: a callable (prompt, rewrite) -> reasons the rewrite contradicts the prompt
+        (empty: it keeps every stated fact), or None. Pipelines use it by default (`enhancer_check="auto"`)."""
+        if self.config.rewrite_check == "shapes_facts":
+            from ernielab.worlds.prompt_facts import contradictions
+
+            return contradictions
+        return None
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from ernielab.core.config import bounded
 from ernielab.core.engine import Engine, EngineSettings, Task
 from ernielab.core.seeding import derive_seed
-from ernielab.enhancer.intents import caption_consistent, intent_pair, parse_intent
+from ernielab.enhancer.intents import (caption_consistent, intent_pair, paraphrase_pair, parse_caption, parse_intent,
+                                       with_nonsense_words)
 from ernielab.enhancer.model import EnhancerConfig, PromptEnhancer
 
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -38,6 +39,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
 # Short on purpose: the system message is in every training sequence, and sequence length is the cost.
+TRAIN_CONFIG = "train_config.json"
 SHAPES_SYSTEM_PROMPT = "Describe the requested picture in full: colour, shape, number and place of every object."
 
 
@@ -52,6 +54,13 @@ class EnhancerTrainConfig(EngineSettings):
     n_head: int = bounded(4, ge=1)
     n_positions: int = bounded(128, ge=8)
     n_eval: int = bounded(200, ge=0)  # held-out intents scored at the end
+    # Input mix. The defaults (intents only) are the first shipped enhancer's training. A `paraphrase_fraction` of
+    # the pairs instead state their whole scene in one of `paraphrase_styles` of `worlds.phrasing` (its train
+    # phrasebook; () = every style), so the enhancer learns to keep the facts of wordings unlike the captions'.
+    paraphrase_fraction: float = bounded(0.0, ge=0, le=1)
+    paraphrase_styles: tuple[str, ...] = ()
+    n_eval_paraphrase: int = bounded(0, ge=0)  # per kind, unseen wordings (eval phrasebook) scored at the end
+    nonsense_fraction: float = bounded(0.0, ge=0, le=1)  # inputs given 1-3 made-up words that state nothing
     # engine fields whose defaults differ for the enhancer
     output_dir: str = "runs/enhancer"
     lr: float = bounded(2e-3, gt=0)
@@ -64,6 +73,19 @@ class EnhancerTrainConfig(EngineSettings):
             raise ValueError("image_sizes must name at least one size")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.paraphrase_styles:
+            from ernielab.worlds.phrasing import STYLES
+
+            unknown = sorted(set(self.paraphrase_styles) - set(STYLES))
+            if unknown:
+                raise ValueError(f"paraphrase_styles: unknown {unknown}; the styles are {list(STYLES)}")
+
+    def styles(self) -> tuple[str, ...]:
+        if self.paraphrase_styles or not self.paraphrase_fraction:
+            return tuple(self.paraphrase_styles)
+        from ernielab.worlds.phrasing import STYLES
+
+        return tuple(STYLES)
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int):
@@ -86,10 +108,17 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
 def make_pairs(cfg: EnhancerTrainConfig, n: int, split: str) -> list[dict[str, Any]]:
     rng = np.random.default_rng(derive_seed("sizes", cfg.seed, split))
     sizes = rng.choice(cfg.image_sizes, size=n)
+    # its own stream, so the intents-only mix draws exactly the pairs it always did
+    draws = np.random.default_rng(derive_seed("paraphrased", cfg.seed, split)).random(n)
+    paraphrased = draws < cfg.paraphrase_fraction
+    styles = cfg.styles()
+    noise = np.random.default_rng(derive_seed("nonsense", cfg.seed, split))
+    noised = noise.random(n) < cfg.nonsense_fraction
     pairs = []
-    for i in tqdm(range(n), desc=f"intents {split}", leave=False):
-        p = intent_pair(cfg.seed, split, i)
-        pairs.append({"intent": p.intent, "target": p.target, "kind": p.kind, "size": int(sizes[i])})
+    for i in tqdm(range(n), desc=f"pairs {split}", leave=False):
+        p = paraphrase_pair(cfg.seed, split, i, styles) if paraphrased[i] else intent_pair(cfg.seed, split, i)
+        text = with_nonsense_words(p.intent, noise, int(noise.integers(1, 4))) if noised[i] else p.intent
+        pairs.append({"intent": text, "target": p.target, "kind": p.kind, "size": int(sizes[i])})
     return pairs
 
 
@@ -135,7 +164,54 @@ def consistency(enhancer: PromptEnhancer, n: int, seed: int = 0, split: str = "v
     pairs = [intent_pair(seed, split, i) for i in range(n)]
     revised = enhancer.enhance_many([p.intent for p in pairs], seed=seed)
     ok = [caption_consistent(parse_intent(p.intent), r) for p, r in zip(pairs, revised)]
-    return {"n": n, "consistent": float(np.mean(ok)) if ok else 0.0}
+    by_kind = {f"{kind}_consistent": float(np.mean([k for p, k in zip(pairs, ok) if p.kind == kind]))
+               for kind in ("single", "count", "relation") if any(p.kind == kind for p in pairs)}
+    return {"n": n, "consistent": float(np.mean(ok)) if ok else 0.0, **by_kind}
+
+
+def is_caption(text: str) -> bool:
+    try:
+        parse_caption(text)
+    except ValueError:
+        return False
+    return True
+
+
+def rewrite_if_it_fits(enhancer: PromptEnhancer, prompt: str, seed: int, width: int = 32,
+                       height: int = 32) -> str | None:
+    """The rewrite (as `enhance_many` makes it for prompt i with seed + i), or None where the prompt does not fit
+    the enhancer's context: a failed rewrite, not a failed evaluation."""
+    try:
+        return enhancer.enhance(prompt, width, height, seed=seed)
+    except ValueError as e:
+        if "fills the enhancer's context" not in str(e):
+            raise
+        return None
+
+
+def paraphrase_consistency(enhancer: PromptEnhancer, n_per_kind: int, seed: int = 0,
+                           kinds: tuple[str, ...] = ("single", "count", "relation")) -> dict[str, float]:
+    """Rewrites of `worlds.phrasing.paraphrase_prompts` (the eval phrasebook: wordings no training pair used) that
+    keep every stated fact ("consistent": `prompt_facts.contradictions` finds none) and also parse as a valid
+    shapes-world caption ("consistent_caption"); per kind and over all. Prompt i is sampled with seed + i; one
+    too long for the enhancer's context counts as inconsistent ("too_long" says how many)."""
+    from ernielab.worlds.phrasing import paraphrase_prompts
+    from ernielab.worlds.prompt_facts import contradictions
+
+    out: dict[str, float] = {"paraphrase_n": n_per_kind * len(kinds), "paraphrase_too_long": 0}
+    kept_all, valid_all = [], []
+    for kind in kinds:
+        texts = [text for text, _ in paraphrase_prompts(kind, n_per_kind, seed)]
+        revised = [rewrite_if_it_fits(enhancer, t, seed + i) for i, t in enumerate(texts)]
+        out["paraphrase_too_long"] += sum(r is None for r in revised)
+        kept = [r is not None and not contradictions(t, r) for t, r in zip(texts, revised)]
+        valid = [k and is_caption(r) for k, r in zip(kept, revised)]
+        out[f"paraphrase_{kind}_consistent"] = float(np.mean(kept)) if kept else 0.0
+        kept_all += kept
+        valid_all += valid
+    out["paraphrase_consistent"] = float(np.mean(kept_all)) if kept_all else 0.0
+    out["paraphrase_consistent_caption"] = float(np.mean(valid_all)) if valid_all else 0.0
+    return out
 
 
 def tokenizer_corpus(cfg: EnhancerTrainConfig, pairs: list[dict]) -> list[str]:
@@ -159,7 +235,7 @@ class EnhancerTask(Task):
     """Next-token loss on the answer tokens of (chat prompt, full caption) sequences; exports a PromptEnhancer
     folder to <output_dir>/enhancer and scores it on held-out intents."""
 
-    resumable_changes = frozenset({"n_eval"})  # the final evaluation's size, not what is learned
+    resumable_changes = frozenset({"n_eval", "n_eval_paraphrase"})  # the final evaluation's size, not what is learned
 
     def __init__(self, config: EnhancerTrainConfig):
         config.validate()
@@ -214,16 +290,22 @@ class EnhancerTask(Task):
             self.set_tokenizer(tokenizer)
 
     def shipped(self, model: nn.Module) -> PromptEnhancer:
-        config = EnhancerConfig(system_prompt=self.config.system_prompt, max_new_tokens=64)
+        config = EnhancerConfig(system_prompt=self.config.system_prompt, max_new_tokens=64,
+                                rewrite_check="shapes_facts")
         return PromptEnhancer(model, self.tokenizer, config)
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         model = model.module if hasattr(model, "module") else model
-        return consistency(self.shipped(model), self.config.n_eval, self.config.seed) if self.config.n_eval else {}
+        enhancer, cfg = self.shipped(model), self.config
+        result = consistency(enhancer, cfg.n_eval, cfg.seed) if cfg.n_eval else {}
+        if cfg.n_eval_paraphrase:
+            result |= paraphrase_consistency(enhancer, cfg.n_eval_paraphrase, cfg.seed)
+        return result
 
     def export(self, model: nn.Module, run_dir: Path) -> Path:
         out = run_dir / "enhancer"
         self.shipped(model.cpu().eval()).save_pretrained(out)
+        self.config.save(out / TRAIN_CONFIG)  # how this enhancer was trained, beside it
         return out
 
 

@@ -58,14 +58,37 @@ class ImagePipelineOutput:
 
     images: by `output_type`: a list of PIL images ("pil"), uint8 [N, H, W, 3] ("np"), float [N, 3, H, W] in
         [-1, 1] ("pt") or the final latents [N, C, h, w] before decoding ("latent").
-    revised_prompts: the prompts the images were drawn from (the enhancer's rewrites, else the prompts given).
+    revised_prompts: the prompts the images were drawn from (the enhancer's rewrites, else the prompts given; the
+        prompt given where its rewrite failed the enhancer check).
     seeds: the noise seed of each image (seed + k for image k; with `num_images_per_prompt` n, image i of prompt p
         is k = p * n + i); None for each image when `latents` were passed instead.
+    enhancer_fallbacks: per image, None where it was drawn from the enhancer's rewrite, else the rejected rewrite
+        and why (`EnhancerFallback`); an empty list when no enhancer ran.
     """
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     revised_prompts: list[str]
     seeds: list[int | None]
+    enhancer_fallbacks: list["EnhancerFallback | None"] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class EnhancerFallback:
+    """A rewrite the pipeline did not draw from because it contradicts the user's prompt; the prompt was used."""
+
+    rewrite: str
+    reasons: list[str]
+
+
+def resolve_enhancer_check(enhancer, check):
+    """The rewrite check to use: "auto" is the enhancer's own `rewrite_check` (None for one without, such as a
+    release's pe/), None is no check, or any callable (prompt, rewrite) -> list of reasons it contradicts."""
+    if isinstance(check, str) and check == "auto":
+        return getattr(enhancer, "rewrite_check", None)
+    if check is not None and not callable(check):
+        raise ValueError(f'enhancer_check must be "auto", None or a callable (prompt, rewrite) -> reasons, '
+                         f"got {type(check).__name__}")
+    return check
 
 
 class TextToImagePipeline:
@@ -264,6 +287,7 @@ class TextToImagePipeline:
                  width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, shift: float | None = None, seed: int = 0,
                  batch_size: int = 16, latents: torch.Tensor | None = None, enhancer=None,
+                 enhancer_check="auto",
                  output_type: str = "pil", progress: bool = False, image=None, strength: float | None = None,
                  mask_image=None, num_images_per_prompt: int = 1, prompt_embeds=None, prompt_embeds_lens=None,
                  negative_prompt_embeds=None, negative_prompt_embeds_lens=None,
@@ -275,8 +299,11 @@ class TextToImagePipeline:
         None for a sampling argument means the pipeline's own setting (`self.config`). `latents`: the starting
         noise [N, C, h, w] instead of the seeded one. `enhancer`: an optional `enhancer.model.PromptEnhancer`;
         prompt i is rewritten with seed + i before encoding, and the output's `revised_prompts` are the prompts
-        actually drawn from. `output_type`: "pil" (list of PIL images), "np" (uint8 [N, H, W, 3]), "pt" (float
-        [N, 3, H, W] in [-1, 1]) or "latent" (the final latents, not decoded). Every argument is checked before
+        actually drawn from. `enhancer_check` (see `resolve_enhancer_check`; default: the enhancer's own, which
+        for a shapes-world enhancer is `worlds.prompt_facts.contradictions`): a rewrite it finds reasons against
+        is dropped and that image is drawn from the prompt itself, as `enhancer_fallbacks` records.
+        `output_type`: "pil" (list of PIL images), "np" (uint8 [N, H, W, 3]), "pt" (float [N, 3, H, W] in
+        [-1, 1]) or "latent" (the final latents, not decoded). Every argument is checked before
         any work; a bad one raises ValueError.
 
         `negative_prompt`: one string for all prompts, or a list with one per prompt.
@@ -309,15 +336,19 @@ class TextToImagePipeline:
                               "guidance_scale", "shift"))
         n = args["num_images_per_prompt"]
         embeds, negative_embeds = args["prompt_embeds"], args["negative_prompt_embeds"]
+        fallbacks: list[EnhancerFallback | None] = []
+        check = resolve_enhancer_check(enhancer, enhancer_check)
         if enhancer is not None:
             if embeds is not None:
                 raise ValueError("an enhancer rewrites prompts; it cannot be used with prompt_embeds")
-            prompts = enhancer.enhance_many(prompts, width=width, height=height, seed=seed, progress=progress)
+            prompts, fallbacks = self._enhance(prompts, enhancer, check, width=width, height=height, seed=seed,
+                                               progress=progress)
         n_prompts = len(prompts)
         negatives = args["negative_prompts"]
         if n > 1:  # image k = p * n + i belongs to prompt p
             prompts = [p for p in prompts for _ in range(n)]
             negatives = [q for q in negatives for _ in range(n)]
+            fallbacks = [f for f in fallbacks for _ in range(n)]
         rows = torch.arange(n_prompts).repeat_interleave(n)
         if embeds is not None:
             embeds = (embeds[0][rows], embeds[1][rows])
@@ -342,7 +373,20 @@ class TextToImagePipeline:
         else:  # "pt": decoded images; "latent": the final latents
             images = out
         seeds = [seed + i for i in range(len(prompts))] if latents is None else [None] * len(prompts)
-        return ImagePipelineOutput(images=images, revised_prompts=list(prompts), seeds=seeds)
+        return ImagePipelineOutput(images=images, revised_prompts=list(prompts), seeds=seeds,
+                                   enhancer_fallbacks=fallbacks)
+
+    @staticmethod
+    def _enhance(prompts: list[str], enhancer, check, *, width: int, height: int, seed: int,
+                 progress: bool) -> tuple[list[str], list[EnhancerFallback | None]]:
+        """Prompt i rewritten with seed + i; where `check` finds the rewrite contradicts the prompt, the prompt."""
+        rewrites = enhancer.enhance_many(prompts, width=width, height=height, seed=seed, progress=progress)
+        used, fallbacks = [], []
+        for prompt, rewrite in zip(prompts, rewrites):
+            reasons = list(check(prompt, rewrite)) if check is not None else []
+            used.append(prompt if reasons else rewrite)
+            fallbacks.append(EnhancerFallback(rewrite, reasons) if reasons else None)
+        return used, fallbacks
 
     @torch.no_grad()
     def _denoise(self, prompts: list[str], noise: torch.Tensor, *, negative: str | list[str], steps: int,

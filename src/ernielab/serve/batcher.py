@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from ernielab.image.pipeline import resolve_enhancer_check
+
 log = logging.getLogger("ernielab.serve")
 
 
@@ -69,6 +71,7 @@ class Job:
         self.state = "queued"  # queued -> running -> done | error | cancelled
         self.cancelled = False
         self.enqueued = time.monotonic()
+        self.fallbacks: list[dict | None] = [None] * len(prompts)  # enhancer rewrites refused, per prompt
 
     # called from the worker thread
     def _emit(self, event: str, data: dict) -> None:
@@ -267,12 +270,22 @@ class Batcher:
         self._deliver(batch, revised, out.images)
 
     def _revise(self, batch: list[Job], s: Settings) -> list[list[str]]:
-        """Each job's prompts as the pipeline gets them: enhanced when asked (not for cancelled jobs)."""
+        """Each job's prompts as the pipeline gets them: enhanced when asked (not for cancelled jobs). A rewrite
+        that contradicts its prompt (the enhancer's own check, as `generate --enhance` applies it) is dropped
+        for the prompt, and the reasons go back with the image."""
         revised: list[list[str]] = []
         for job in batch:
+            job.fallbacks = [None] * len(job.prompts)
             if s.enhance and not job.cancelled:
-                revised.append(self._enhancer_model().enhance_many(job.prompts, width=s.width, height=s.height,
-                                                                   seed=job.seed))
+                enhancer = self._enhancer_model()
+                rewrites = enhancer.enhance_many(job.prompts, width=s.width, height=s.height, seed=job.seed)
+                check = resolve_enhancer_check(enhancer, "auto")
+                for k, (prompt, rewrite) in enumerate(zip(job.prompts, rewrites)):
+                    reasons = check(prompt, rewrite) if check is not None else []
+                    if reasons:
+                        job.fallbacks[k] = {"rewrite": rewrite, "reasons": list(reasons)}
+                        rewrites[k] = prompt
+                revised.append(list(rewrites))
             else:
                 revised.append(list(job.prompts))
         return revised
@@ -283,7 +296,8 @@ class Batcher:
         for job, texts in zip(batch, revised):
             n = len(job.prompts)
             images = [{"b64_png": png_b64(im), "seed": job.seed + k, "prompt": job.prompts[k],
-                       "revised_prompt": texts[k], "width": im.size[0], "height": im.size[1]}
+                       "revised_prompt": texts[k], "enhancer_fallback": job.fallbacks[k],
+                       "width": im.size[0], "height": im.size[1]}
                       for k, im in enumerate(out_images[i : i + n])]
             i += n
             if job.cancelled:

@@ -8,10 +8,15 @@ Per generator update (all draws seeded by (seed, step), so a resumed run is exac
    the sigma-weighted teacher mixture, MT-DMD) with CFG baked in, the fake score a copy of the
    teacher trained on student samples. The generator moves x0_hat along x0_real - x0_fake,
    divided by mean |x0_hat - x0_real| (DMD's normalisation), via an MSE to a stop-grad target.
+   Optionally (`teacher_router`) a learned router weights the teachers by (x_t, sigma, caption), and with
+   `router_split` it weights the CFG-augmentation part sum_k b_k (g_k - 1)(x0_k^cond - x0_k^uncond) and the
+   distribution-matching part sum_k a_k x0_k^cond of x0_real apart (turbo.router, TeacherMixture.forward).
 3. Optional regression: student n-step samples vs. the teachers' 50-step ODE outputs from the
    same noise (a small set computed once and cached in the run folder as safetensors + JSON).
 4. Two-time-scale update: `fake_updates` flow-matching steps of the fake-score net on the
-   detached x0_hat (fresh noise and sigma each), as DMD2's TTUR.
+   detached x0_hat (fresh noise and sigma each), as DMD2's TTUR; with `fresh_fake_samples`, each update on
+   a new student sample (new captions, new no-grad backward simulation), as DMD2 does. The router, if any,
+   takes its step here too, on the real batch.
 5. Optional GAN head (DMD2): a small per-token classifier on the fake-score net's hidden image
    tokens tells noised real images (the data batch) from noised student samples. It trains with the
    fake-score updates (its loss added to theirs); the generator adds a non-saturating loss through it.
@@ -47,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ernielab.core.config import bounded
 from ernielab.core.schedules import lr_factor
-from ernielab.core.seeding import generator
+from ernielab.core.seeding import derive_seed, generator
 from ernielab.image.config import ErnieImageConfig, check_interchangeable
 from ernielab.image.flow_matching import (TIMESTEP_SAMPLING, TIMESTEP_SCALE, add_noise, flow_matching_loss,
                                           sample_training_sigmas)
@@ -55,6 +60,7 @@ from ernielab.image.pipeline import DEFAULT_MODEL, PIPELINE_CONFIG, PipelineConf
 from ernielab.image.samplers import euler_sample, model_denoiser, sigma_schedule
 from ernielab.image.train import TrainConfig, Trainer, batch_indices
 from ernielab.image.transformer import ErnieImageTransformer
+from ernielab.turbo.router import TeacherRouter
 from ernielab.turbo.teachers import WEIGHTINGS, TeacherMixture, TeacherSpec, mixture_weights, parse_teachers
 from ernielab.worlds.registry import collate
 
@@ -90,6 +96,11 @@ class DistillConfig(TrainConfig):
     fake_init_from: str = ""  # fake-score net's initial weights (a data denoiser, e.g. the teacher); "" = init_from
     finisher_steps: int = bounded(0, ge=0)  # ship the first teacher in student/ for the last N steps (no CFG)
     final_step_weight: float = bounded(0.0, ge=0)  # on-policy last-step regression onto the first teacher (0: off)
+    teacher_router: bool = False  # learn W(x_t, sigma, c) over the teachers on top of the sigma weighting (turbo.router)
+    router_split: bool = False  # separate router heads for the CFG-augmentation and distribution-matching terms
+    router_hidden: int = bounded(64, ge=1)
+    router_lr: float = bounded(1e-3, gt=0)
+    fresh_fake_samples: bool = False  # DMD2: each fake-score update on a fresh student sample (new captions, noise)
     # TrainConfig defaults that suit distillation better
     output_dir: str = "runs/distill"
     lr: float = bounded(2e-5, gt=0)
@@ -112,6 +123,10 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"need dmd_sigma_min < dmd_sigma_max, got {self.dmd_sigma_min}, {self.dmd_sigma_max}")
         if self.grad_accum != 1:
             raise ValueError("distillation does not support grad_accum > 1")
+        if self.teacher_router and len(self.teachers) < 2:
+            raise ValueError("teacher_router needs at least two teachers (one teacher has nothing to route)")
+        if self.router_split and not self.teacher_router:
+            raise ValueError("router_split needs teacher_router: true (the CA and DM weights are router heads)")
         # knots that leave a noise level without weight fail here, before anything loads
         mixture_weights(torch.linspace(0, 1, 101), self.teachers, self.teacher_weighting, self.teacher_temperature)
 
@@ -185,10 +200,13 @@ class DistillTrainer(Trainer):
         self.teachers: TeacherMixture | None = None
         self.fake: nn.Module | None = None
         self.head: DiscriminatorHead | None = None
+        self.router: TeacherRouter | None = None
         self.opt_f: torch.optim.Optimizer | None = None
+        self.opt_r: torch.optim.Optimizer | None = None
         self.sched_f = None
         self.pairs: dict | None = None
         self.prepared: tuple | None = None  # (fake, head, fake optimizer) as accelerate prepared them
+        self.prepared_router: tuple | None = None  # (router, router optimizer) as accelerate prepared them
         self.pending: dict | None = None  # what the step's fake-score updates need from its generator update
 
     # ---- engine hooks ------------------------------------------------------------------------
@@ -215,6 +233,13 @@ class DistillTrainer(Trainer):
         self.opt_f = torch.optim.AdamW(fake_params, lr=cfg.fake_lr or cfg.lr, weight_decay=cfg.weight_decay)
         self.sched_f = torch.optim.lr_scheduler.LambdaLR(
             self.opt_f, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
+        if cfg.teacher_router:
+            with torch.random.fork_rng(devices=[]):  # its own seed: the other modules' draws stay as they were
+                torch.manual_seed(derive_seed("router", cfg.seed))
+                self.router = TeacherRouter(cfg.model.in_channels, cfg.model.text_in_dim, len(cfg.teachers),
+                                            2 if cfg.router_split else 1, cfg.router_hidden).to(device)
+            modules["router"] = self.router
+            self.opt_r = torch.optim.Adam(self.router.parameters(), lr=cfg.router_lr)
         return modules
 
     def batch(self, step: int, micro: int) -> dict:
@@ -243,22 +268,29 @@ class DistillTrainer(Trainer):
             if cfg.final_step_weight > 0:
                 loss_final = self.final_step_loss(model, info["x_k"], info["student_k"], info["student_n"], cond)
                 loss = loss + cfg.final_step_weight * loss_final
-        self.pending = {"x0": x0.detach().float(), "images": batch["image"], "cond": cond}
+        self.pending = {"x0": x0.detach().float(), "images": batch["image"], "cond": cond, "uncond": uncond}
         gan = {"loss_gan": loss_gan.item()} if self.head is not None else {}
         final = {"loss_final": loss_final.item()} if cfg.final_step_weight > 0 else {}
         return loss, {"loss_dmd": loss_dmd.item(), "loss_reg": loss_reg.item(), **gan, **final,
                       "student_k": info["student_k"]}
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
-        """The fake score (and GAN head) catch up on this step's student samples."""
+        """The router learns from the step's real batch; the fake score (and GAN head) catch up on student
+        samples: this step's (reused for every update) or, with fresh_fake_samples, a new one per update."""
         pending, self.pending = self.pending, None
-        real = None
-        if self.head is not None:
-            real = self.latent_space.encode(pending["images"].to(pending["x0"].device)).float()
-        return self.fake_score_updates(pending["x0"], real, pending["cond"], step)
+        logs = {}
+        if self.router is not None:
+            logs.update(self.router_update(pending["images"], pending["cond"], pending["uncond"], step))
+        if self.config.fresh_fake_samples:
+            sample = lambda j: self.fresh_sample(model, step, j)  # noqa: E731
+        else:
+            real = self.real_latents(pending["images"]) if self.head is not None else None
+            sample = lambda j: (pending["x0"], real, pending["cond"])  # noqa: E731
+        return {**logs, **self.fake_score_updates(sample, step)}
 
     def state(self) -> dict[str, Any]:
-        return {"fake_optimizer": self.opt_f.state_dict(), "fake_scheduler": self.sched_f.state_dict()}
+        router = {"router_optimizer": self.opt_r.state_dict()} if self.opt_r is not None else {}
+        return {"fake_optimizer": self.opt_f.state_dict(), "fake_scheduler": self.sched_f.state_dict(), **router}
 
     def load_state(self, state: dict[str, Any]) -> None:
         if "fake_optimizer" not in state:
@@ -266,6 +298,8 @@ class DistillTrainer(Trainer):
                              f"(no fake-score optimizer); use --fresh or a new output_dir")
         self.opt_f.load_state_dict(state["fake_optimizer"])
         self.sched_f.load_state_dict(state["fake_scheduler"])
+        if self.opt_r is not None:
+            self.opt_r.load_state_dict(state["router_optimizer"])
 
     def prepare_auxiliary(self) -> None:
         """Once, after any resume: fake score, head and their optimizer through accelerate (DDP keeps the
@@ -277,6 +311,8 @@ class DistillTrainer(Trainer):
         head = acc.prepare(self.head) if self.head is not None else None
         fake.train()
         self.prepared = (fake, head, opt_f)
+        if self.router is not None:
+            self.prepared_router = acc.prepare(self.router, self.opt_r)
         self.pairs = self.regression_pairs()
 
     # ---- pieces of one update ---------------------------------------------------------------
@@ -316,12 +352,61 @@ class DistillTrainer(Trainer):
         with torch.no_grad():
             xt = add_noise(x0.detach(), noise, t)
             tv = t.view(-1, 1, 1, 1)
-            x0_real = xt - tv * self.teachers(xt, t, cond, uncond)
+            x0_real = xt - tv * self.real_velocity(xt, t, cond, uncond)
             x0_fake = xt - tv * self.fake(xt, t * TIMESTEP_SCALE, *cond)
             scale = (x0.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
             grad = torch.nan_to_num((x0_fake - x0_real) / scale)
         # d/dx0 of 0.5 * ||x0 - (x0 - grad)||^2 is grad: gradient descent moves x0 toward real, away from fake.
         return 0.5 * ((x0.float() - (x0 - grad).detach().float()) ** 2).mean()
+
+    def real_velocity(self, xt: torch.Tensor, t: torch.Tensor, cond, uncond) -> torch.Tensor:
+        """The real score's velocity: teachers with CFG, mixed by sigma or, with the router, by W(x_t, sigma, c)
+        (per objective with router_split: head 0 weights the DM part, head 1 the CA part)."""
+        if self.router is None:
+            return self.teachers(xt, t, cond, uncond)
+        w = self.router(xt, t, cond, self.teachers.weights(t))
+        return self.teachers(xt, t, cond, uncond, w[:, 0], w[:, 1] if self.config.router_split else None)
+
+    def router_update(self, images: torch.Tensor, cond, uncond, step: int) -> dict[str, float]:
+        """One Adam step of the router on the real batch re-noised to the DMD range (rule in turbo.router)."""
+        cfg, acc = self.config, self.accelerator
+        router, opt_r = self.prepared_router
+        x0 = self.real_latents(images)
+        g = generator("router", cfg.seed, step, self.rank)
+        t = (cfg.dmd_sigma_min + (cfg.dmd_sigma_max - cfg.dmd_sigma_min) * torch.rand(len(x0), generator=g)).to(x0.device)
+        xt = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0.device), t)
+        with torch.no_grad(), acc.autocast():
+            x0_cond, x0_cfg = self.teachers.x0_parts(xt, t, cond, uncond, with_guidance=cfg.router_split)
+        w = router(xt, t, cond, self.teachers.weights(t))  # [B, objectives, K]
+        mixed = torch.einsum("bk,kb...->b...", w[:, 0], x0_cond.float())
+        loss_dm = ((mixed - x0) ** 2).mean()
+        logs = {"loss_router": loss_dm.detach(), "router_w0": w[:, 0, 0].detach().mean()}
+        loss = loss_dm
+        if cfg.router_split:
+            guided = mixed.detach() + torch.einsum("bk,kb...->b...", w[:, 1], x0_cfg.float())
+            loss_ca = ((guided - x0) ** 2).mean()
+            loss = loss + loss_ca
+            logs.update(loss_router_ca=loss_ca.detach(), router_ca_w0=w[:, 1, 0].detach().mean())
+        acc.backward(loss)
+        opt_r.step()
+        opt_r.zero_grad(set_to_none=True)
+        return {k: v.item() for k, v in logs.items()}
+
+    @torch.no_grad()
+    def real_latents(self, images: torch.Tensor) -> torch.Tensor:
+        return self.latent_space.encode(images.to(self.accelerator.device)).float()
+
+    def fresh_sample(self, student: nn.Module, step: int, j: int):
+        """DMD2's fake-score input: a new batch of captions (and their real images, for the GAN head) and a new
+        backward simulation of the current student, without grad; seeded by (seed, step, j), so resume is exact."""
+        cfg, acc = self.config, self.accelerator
+        g = generator("fake-sample", cfg.seed, step, j, self.rank)
+        batch = collate([self.dataset[i] for i in torch.randint(len(self.dataset), (cfg.batch_size,), generator=g).tolist()])
+        cond = self.text_encoder(list(batch["caption"]), device=acc.device)
+        with torch.no_grad(), acc.autocast():
+            x0, _ = self.backward_simulation(student, cond, g)
+        real = self.real_latents(batch["image"]) if self.head is not None else None
+        return x0.float(), real, cond
 
     def regression_loss(self, student: nn.Module, pairs: dict, step: int) -> torch.Tensor:
         """Student's full schedule (with grad) from the pairs' noise vs. the teachers' ODE output."""
@@ -348,14 +433,16 @@ class DistillTrainer(Trainer):
         cfg = self.config
         return cfg.gan_sigma_max * sample_training_sigmas(n, g, cfg.timestep_sampling, cfg.timestep_shift, device)
 
-    def fake_score_updates(self, x0: torch.Tensor, real: torch.Tensor | None, cond, step: int) -> dict[str, float]:
-        """Flow matching of the fake score on student samples; with a GAN head, plus the discriminator loss
-        on (noised) student samples vs. the batch's real images under the same captions."""
+    def fake_score_updates(self, sample, step: int) -> dict[str, float]:
+        """Flow matching of the fake score on student samples (`sample(j)` -> x0, real latents or None, cond for
+        update j); with a GAN head, plus the discriminator loss on (noised) student samples vs. the real images
+        under the same captions."""
         cfg, acc = self.config, self.accelerator
         fake, head, opt_f = self.prepared
         params = [p for group in opt_f.param_groups for p in group["params"]]  # fake net (+ GAN head)
         records = []
         for j in range(cfg.fake_updates):
+            x0, real, cond = sample(j)
             g = generator("fake", cfg.seed, step, j, self.rank)
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
             t = sample_training_sigmas(len(x0), g, cfg.timestep_sampling, cfg.timestep_shift, x0.device)

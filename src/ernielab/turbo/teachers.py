@@ -10,7 +10,9 @@ which mixes the teachers' x0 predictions with the same weights (x0 = x - sigma *
 Weights over sigma are either piecewise linear (each teacher gives [sigma, weight] knots; the curves
 are normalised per sigma) or a softmax over -(sigma - center_i)^2 / temperature. A "layout" teacher
 with a high-sigma centre and a "detail" teacher with a low one hand over smoothly in between.
-Teachers whose weight is zero for the whole batch are not run.
+Teachers whose weight is zero for the whole batch are not run. The forward also takes explicit weights
+(a learned router's, turbo.router) and, apart from them, weights for the CFG-augmentation part (the CA/DM
+split of the real score; see TeacherMixture.forward).
 """
 from __future__ import annotations
 
@@ -112,22 +114,58 @@ class TeacherMixture(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor],
-                uncond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        w = self.weights(sigma)
+                uncond: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor | None = None,
+                ca_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixture's velocity. `weights` [B, K] (default: the sigma weighting) weight the teachers' guided
+        velocities. With `ca_weights` [B, K] too, the CFG-augmentation and distribution-matching parts are
+        weighted apart (CA/DM split):
+
+            v = sum_k a_k v_k^cond + sum_k b_k (g_k - 1)(v_k^cond - v_k^uncond)        (a = weights, b = ca_weights)
+              = sum_k b_k v_k^guided + sum_k (a_k - b_k) v_k^cond,
+
+        computed in the second form, so that b == a adds exact zeros to the unsplit sum (bit-identical)."""
+        w = self.weights(sigma) if weights is None else weights
+        expand = (-1, *[1] * (x.ndim - 1))
         v = torch.zeros_like(x)
         for i, (model, spec) in enumerate(zip(self.models, self.specs)):
-            if (w[:, i] > 0).any():
-                v = v + w[:, i].view(-1, *[1] * (x.ndim - 1)) * guided_velocity(
-                    model, x, sigma, cond, uncond, spec.guidance_scale)
+            if ca_weights is None:
+                if (w[:, i] > 0).any():
+                    v = v + w[:, i].view(expand) * guided_velocity(model, x, sigma, cond, uncond, spec.guidance_scale)
+            elif (w[:, i] > 0).any() or (ca_weights[:, i] > 0).any():
+                v_cond, v_guided = cond_and_guided_velocity(model, x, sigma, cond, uncond, spec.guidance_scale)
+                v = v + ca_weights[:, i].view(expand) * v_guided + (w[:, i] - ca_weights[:, i]).view(expand) * v_cond
         return v
+
+    @torch.no_grad()
+    def x0_parts(self, x: torch.Tensor, sigma: torch.Tensor, cond, uncond,
+                 with_guidance: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per teacher: the conditional x0 prediction [K, B, ...] and (with_guidance) its CFG augmentation
+        (g_k - 1)(x0_k^cond - x0_k^uncond) [K, B, ...], so x0_k^cond + augmentation = the guided x0."""
+        s = sigma.view(-1, *[1] * (x.ndim - 1))
+        conds, augments = [], []
+        for model, spec in zip(self.models, self.specs):
+            if with_guidance:
+                v_cond, v_guided = cond_and_guided_velocity(model, x, sigma, cond, uncond, spec.guidance_scale)
+                augments.append(-s * (v_guided - v_cond))
+            else:
+                v_cond = model(x, sigma * TIMESTEP_SCALE, *cond)
+            conds.append(x - s * v_cond)
+        return torch.stack(conds), (torch.stack(augments) if with_guidance else None)
 
 
 def guided_velocity(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond, uncond,
                     guidance_scale: float) -> torch.Tensor:
     """CFG velocity at per-sample sigmas (one batched forward for cond + uncond, as `cfg_denoiser`)."""
+    return cond_and_guided_velocity(model, x, sigma, cond, uncond, guidance_scale)[1]
+
+
+def cond_and_guided_velocity(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond, uncond,
+                             guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditional velocity, CFG velocity) at per-sample sigmas from one batched forward (cond + uncond)."""
     t = sigma * TIMESTEP_SCALE
     if guidance_scale == 1.0:
-        return model(x, t, *cond)
+        v_c = model(x, t, *cond)
+        return v_c, v_c
     text, lens = _stack_padded([uncond, cond])
     v_u, v_c = model(torch.cat([x, x]), torch.cat([t, t]), text, lens).chunk(2)
-    return v_u + guidance_scale * (v_c - v_u)
+    return v_c, v_u + guidance_scale * (v_c - v_u)

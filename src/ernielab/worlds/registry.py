@@ -16,8 +16,27 @@ class DataConfig(Config):
     seed: int = 0
     split: str = bounded("train", choices=("train", "val", "test"))
     kind_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # shapes: scene-kind mix; empty = default 0.4/0.2/0.4
+    # shapes: caption wording mix over worlds.phrasing.STYLES; empty = today's templates only
+    caption_styles: dict[str, float] = dataclasses.field(default_factory=dict)
+    # shapes: "colour shape relation" combinations no scene shows, e.g. "red triangle left of"
+    holdout_combinations: list[str] = dataclasses.field(default_factory=list)
 
     def check(self) -> None:
+        if self.kind != "shapes" and (self.caption_styles or self.holdout_combinations):
+            raise ValueError("caption_styles and holdout_combinations apply to kind 'shapes' only")
+        if self.caption_styles:
+            from ernielab.worlds.phrasing import check_style_weights
+
+            try:
+                check_style_weights(self.caption_styles)
+            except ValueError as e:
+                raise ValueError(f"caption_styles: {e}") from None
+        from ernielab.worlds.shapes import parse_combinations
+
+        try:
+            parse_combinations(self.holdout_combinations)
+        except ValueError as e:
+            raise ValueError(f"holdout_combinations: {e}") from None
         if self.kind == "folder" and not self.path:
             raise ValueError("data.kind 'folder' needs data.path (a folder of images or a .jsonl file)")
         if self.kind == "folder" and not Path(self.path).exists():
@@ -33,7 +52,8 @@ def build_dataset(config: DataConfig):
         from ernielab.worlds.shapes import ShapesWorld
 
         return ShapesWorld(config.size, image_size=config.image_size, seed=config.seed, split=config.split,
-                           kinds=config.kind_weights or None)
+                           kinds=config.kind_weights or None, caption_styles=config.caption_styles,
+                           holdout_combinations=config.holdout_combinations)
     if config.kind == "mnist":
         from ernielab.worlds.mnist import CaptionedMNIST
 

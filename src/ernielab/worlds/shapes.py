@@ -440,6 +440,11 @@ def make_prompts(kind: str, n: int, seed: int = 0) -> list[str]:
     The full set of combinations (18 singles, 36 counts, 1224 relations) is
     shuffled and cycled, so every combination appears before any repeats.
     """
+    return [spec.text for spec in make_prompt_specs(kind, n, seed)]
+
+
+def make_prompt_specs(kind: str, n: int, seed: int = 0) -> list[PromptSpec]:
+    """The specs behind `make_prompts(kind, n, seed)`, each with its canonical prompt as `text`."""
     if kind == "single":
         combos = [[ObjectSpec(1, c, s)] for c in COLORS for s in SHAPES]
         specs = [PromptSpec(objs, None, kind) for objs in combos]
@@ -454,10 +459,42 @@ def make_prompts(kind: str, n: int, seed: int = 0) -> list[str]:
     else:
         raise ValueError(f"unknown prompt kind {kind!r}; expected one of {KINDS}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, KINDS.index(kind)]))
-    prompts: list[str] = []
-    while len(prompts) < n:
-        prompts += [canonical_prompt(specs[j]) for j in rng.permutation(len(specs))]
-    return prompts[:n]
+    chosen: list[PromptSpec] = []
+    while len(chosen) < n:
+        chosen += [specs[j] for j in rng.permutation(len(specs))]
+    return [dataclasses.replace(s, objects=[dataclasses.replace(o) for o in s.objects], text=canonical_prompt(s))
+            for s in chosen[:n]]
+
+
+def combination_prompt_specs(holdout: Sequence[str], n: int, seed: int = 0) -> dict[str, list[PromptSpec]]:
+    """Relation prompts for a compositional split: `n` that state a held-out combination and `n` that state none.
+
+    "heldout": combination i % len(holdout) as the subject ("a red triangle to the left of ..."), with a random
+    other object; "seen": relation prompts (as `make_prompts` draws them) whose subject and object both avoid
+    every held-out combination, so a model trained with `holdout_combinations` has seen each of them.
+    """
+    combos = [parse_combination(c) for c in holdout]
+    if not combos:
+        raise ValueError("combination_prompt_specs needs at least one held-out combination")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    heldout = []
+    for i in range(n):
+        color, shape, relation = combos[i % len(combos)]
+        others = [p for p in pairs if p != (color, shape)]
+        other = others[int(rng.integers(len(others)))]
+        heldout.append(PromptSpec([ObjectSpec(1, color, shape), ObjectSpec(1, *other)], relation, "relation"))
+    seen = [spec for spec in make_prompt_specs("relation", 1224, seed) if not _states_combination(spec, combos)]
+    out = {"heldout": heldout, "seen": (seen * (n // max(1, len(seen)) + 1))[:n]}
+    for specs in out.values():
+        for spec in specs:
+            spec.text = canonical_prompt(spec)
+    return out
+
+
+def _states_combination(spec: PromptSpec, combos: Sequence[tuple[str, str, str]]) -> bool:
+    a, b = spec.objects
+    return (a.color, a.shape, spec.relation) in combos or (b.color, b.shape, INVERSE_RELATION[spec.relation]) in combos
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -468,6 +505,8 @@ class ShapesWorldConfig(Config):
     image_size: int = 32
     seed: int = 0
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS))
+    caption_styles: dict[str, float] = field(default_factory=dict)  # empty: templates only
+    holdout_combinations: list[str] = field(default_factory=list)  # "red triangle left of": never in a scene
 
 
 def _check_split(split: str) -> str:
@@ -476,20 +515,52 @@ def _check_split(split: str) -> str:
     return split
 
 
+def parse_combination(text: str) -> tuple[str, str, str]:
+    """"red triangle left of" -> ("red", "triangle", "left of"): a colour x shape as the subject of a relation."""
+    words = text.strip().lower().split() if isinstance(text, str) else []
+    if len(words) >= 3 and words[0] in COLORS and words[1] in SHAPES and " ".join(words[2:]) in RELATIONS:
+        return words[0], words[1], " ".join(words[2:])
+    raise ValueError(f"not a held-out combination: {text!r}; expected 'COLOUR SHAPE RELATION' with a colour of "
+                     f"{tuple(COLORS)}, a shape of {SHAPES} and a relation of {RELATIONS}, e.g. 'red triangle left of'")
+
+
+def parse_combinations(texts: Sequence[str]) -> tuple[tuple[str, str, str], ...]:
+    """Parse held-out combinations; ValueError when they leave no relation scene to draw."""
+    combos = tuple(parse_combination(t) for t in texts)
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    left = any((*a, r) not in combos and (*b, INVERSE_RELATION[r]) not in combos
+               for a in pairs for b in pairs if a != b for r in RELATIONS)
+    if combos and not left:
+        raise ValueError(f"the {len(combos)} held-out combinations leave no relation scene to draw")
+    return combos
+
+
+def has_combination(scene: Scene, combinations: Iterable[tuple[str, str, str]]) -> bool:
+    """The scene shows one of the (colour, shape, relation) combinations: an object of that colour and shape
+    stands in that relation to the other object. "B right of A" is "A left of B", so both objects count."""
+    if scene.relation is None:
+        return False
+    a, b = scene.objects[0], scene.objects[1]
+    shown = {(a.color, a.shape, scene.relation), (b.color, b.shape, INVERSE_RELATION[scene.relation])}
+    return any(c in shown for c in combinations)
+
+
 def sample_item_scene(
-    seed: int, split: str, index: int, image_size: int = 32, kinds: Mapping[str, float] | Sequence[str] | None = None
+    seed: int, split: str, index: int, image_size: int = 32, kinds: Mapping[str, float] | Sequence[str] | None = None,
+    holdout: Sequence[tuple[str, str, str]] = (),
 ) -> tuple[Scene, np.random.Generator]:
     """The scene of item `index` of a split, and the generator that drew it.
 
     Scenes are redrawn until their content hash falls in the split's buckets,
-    so the same picture never appears in two splits.
+    so the same picture never appears in two splits, and until they show none
+    of the `holdout` combinations (see `has_combination`).
     """
     _check_split(split)
     rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], index]))
     buckets = SPLIT_BUCKETS[split]
     while True:
         scene = sample_scene(rng, image_size, kind=_sample_kind(rng, kinds))
-        if scene.content_hash() % 10 in buckets:
+        if scene.content_hash() % 10 in buckets and not (holdout and has_combination(scene, holdout)):
             return scene, rng
 
 
@@ -505,6 +576,8 @@ class ShapesWorld(torch.utils.data.Dataset):
     `boxes` float32 [n, 4] (x0, y0, x1, y1 pixels), `mask` int64 [H, W]
     (0 background, i + 1 object i), `kind` str and `scene` (JSON-able dict).
     `kinds` is None (default weights), a list of kinds (uniform) or a dict of weights.
+    `caption_styles`: weights of `phrasing.STYLES` for captions (None/empty: templates only, as `caption`);
+    `holdout_combinations`: "colour shape relation" strings no scene of this dataset shows.
     """
 
     def __init__(
@@ -514,6 +587,8 @@ class ShapesWorld(torch.utils.data.Dataset):
         seed: int = 0,
         split: str = "train",
         kinds: Mapping[str, float] | Sequence[str] | None = None,
+        caption_styles: Mapping[str, float] | None = None,
+        holdout_combinations: Sequence[str] = (),
     ):
         if size < 0:
             raise ValueError(f"dataset size must be >= 0, got {size}")
@@ -525,10 +600,17 @@ class ShapesWorld(torch.utils.data.Dataset):
             kinds = [kinds]
         self.kinds = kinds
         _sample_kind(np.random.default_rng(0), kinds)  # validate now, not in a worker
+        self.caption_styles = dict(caption_styles or {})
+        if self.caption_styles:
+            from ernielab.worlds.phrasing import check_style_weights
+
+            check_style_weights(self.caption_styles)
+        self.holdout = parse_combinations(holdout_combinations)
 
     @classmethod
     def from_config(cls, config: ShapesWorldConfig, size: int, split: str = "train") -> "ShapesWorld":
-        return cls(size, config.image_size, config.seed, split, config.kind_weights)
+        return cls(size, config.image_size, config.seed, split, config.kind_weights, config.caption_styles,
+                   config.holdout_combinations)
 
     def __len__(self) -> int:
         return self.size
@@ -537,8 +619,12 @@ class ShapesWorld(torch.utils.data.Dataset):
         if not -self.size <= index < self.size:
             raise IndexError(f"index {index} out of range for ShapesWorld of size {self.size}")
         index %= self.size
-        scene, rng = sample_item_scene(self.seed, self.split, index, self.image_size, self.kinds)
-        return scene, caption(scene, rng)
+        scene, rng = sample_item_scene(self.seed, self.split, index, self.image_size, self.kinds, self.holdout)
+        if not self.caption_styles:
+            return scene, caption(scene, rng)
+        from ernielab.worlds.phrasing import diversified_caption
+
+        return scene, diversified_caption(scene, rng, self.caption_styles)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene, text = self.scene(index)
