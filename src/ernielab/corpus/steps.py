@@ -570,8 +570,6 @@ def export(manifest: Path, out: Path, captions: str = "all", one_per_image: bool
            keep_duplicates: bool = False) -> dict:
     """A JSONL of {"image", "caption", "id", "from"} lines for `data.kind=folder`: every text of every kept
     image (or one per image, drawn from (seed, id)); duplicates are left out unless `keep_duplicates`."""
-    import os
-
     out = Path(out)
     if out.suffix.lower() != ".jsonl" or out.is_dir():
         raise ValueError(f"--out {out} must be a .jsonl file")
@@ -592,14 +590,6 @@ def export(manifest: Path, out: Path, captions: str = "all", one_per_image: bool
         lines += [{"image": row["path"], "caption": text, "id": row["id"], "from": source} for source, text in pairs]
     if not lines:
         raise ValueError(f"nothing to export: no row of {manifest} has a text in {columns}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_manifest(lines, out)  # the same atomic JSONL writer (every line has the same keys)
     return {"out": str(out), "lines": len(lines), "images": len({x["id"] for x in lines}), "columns": columns,
             "rows_without_text": without}
