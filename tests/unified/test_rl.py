@@ -49,7 +49,7 @@ def test_rl_trains_resumes_exactly_and_exports(tmp_path, policy_dir):
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
     assert len(logged) == 3 and all(0 <= r["t2i_reward"] <= 1 and 0 <= r["i2t_reward"] <= 1 for r in logged)
-    assert all("t2i_kl" in r and "i2t_sequence_masked" in r for r in logged)
+    assert all("t2i_kl" in r and "i2t_sequence_masked" in r and r["samples_per_s"] > 0 for r in logged)
     assert set(result["eval"]) >= {"caption_accuracy", "image_alignment"}
     model, _, meta = load_model(tmp_path / "straight" / "model")
     assert meta["rl_from"] == str(policy_dir)
@@ -68,7 +68,7 @@ def built(cfg):
 
 def test_objective_on_policy_and_its_masks(tmp_path, policy_dir):
     task = built(rl_config(tmp_path, policy_dir, hint_fraction=0.0, positive_mask_prob=1.0))
-    rollouts = task.batch(0, 0)
+    rollouts = task.batch(0, 0)["tasks"]
     for name, kind in (("t2i", "image"), ("i2t", "text")):
         r = rollouts[name]
         assert not r["hinted"].any() and r["reward"].shape == (4,)
@@ -87,7 +87,7 @@ def test_objective_on_policy_and_its_masks(tmp_path, policy_dir):
 
 def test_annealed_hints_give_part_of_the_answer(tmp_path, policy_dir):
     task = built(rl_config(tmp_path, policy_dir, hint_fraction=0.5, hint_steps=10))
-    rollouts = task.batch(0, 0)
+    rollouts = task.batch(0, 0)["tasks"]
     grid = task.model.config.image_grid
     r = rollouts["t2i"]
     hinted = r["hinted"].view(-1, 2)

@@ -200,7 +200,8 @@ class UnifiedRLTask(Task):
             self.model.eval()
             self.buffer = {"step": made, **{task: self.rollouts(task, made) for task in cfg.tasks}}
             self.model.train()
-        return {task: self.buffer[task] for task in cfg.tasks}
+        rewards = torch.cat([self.buffer[task]["reward"] for task in cfg.tasks])  # one per sample: samples_per_s
+        return {"rewards": rewards, "tasks": {task: self.buffer[task] for task in cfg.tasks}}
 
     def rollouts(self, task: str, step: int) -> dict[str, Any]:
         """One task's rollout batch: sequences, behaviour log-probs, rewards, advantages and masks."""
@@ -273,7 +274,7 @@ class UnifiedRLTask(Task):
     def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         net = self.engine.accelerator.unwrap_model(model)
         total, logs = 0.0, {}
-        for task, r in batch.items():
+        for task, r in batch["tasks"].items():
             task_loss, task_logs = self.policy_loss(net, r, "image" if task == "t2i" else "text")
             total = total + task_loss
             logs.update({f"{task}_{k}": v for k, v in task_logs.items()})
