@@ -83,3 +83,17 @@ def test_every_shipped_config_loads():
     assert len(configs) >= 4
     for path in configs:
         load_config(TrainConfig, path)
+
+
+def test_eval_paraphrase_and_compositional(tiny_pipeline_dir, tmp_path):
+    """`image eval --n-paraphrase N --holdout ...`: template vs held-out-wording twins per kind, and held-out vs
+    seen combinations, in eval.json and the printed summary."""
+    res = run("image", "eval", "--model", tiny_pipeline_dir, "--n-fid", 0, "--n-align", 1, "--n-paraphrase", 1,
+              "--holdout", "red triangle left of", "--steps", 1, "--out", tmp_path / "eval")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(report["paraphrase"]) == {"single", "count", "relation"}
+    assert all({"template", "paraphrase"} <= set(v) for v in report["paraphrase"].values())
+    assert report["compositional"]["holdout_combinations"] == ["red triangle left of"]
+    assert {"heldout", "seen"} <= set(report["compositional"])
+    assert report["data"]["holdout_combinations"] == ["red triangle left of"]
