@@ -281,10 +281,24 @@ def dedupe(manifest: Path, threshold: int = 12, out: Path | None = None, save_ev
     return {"rows": len(rows), "duplicates": n_dup, "threshold": threshold, "colour_tolerance": colour_tolerance}
 
 
-def _open(manifest: Path, out: Path | None, needs: tuple[str, ...], step: str) -> tuple[list[dict], Path]:
+def _rows(manifest: Path) -> list[dict]:
+    """The manifest's rows; an empty manifest is refused (no step has work in it)."""
     rows = read_manifest(manifest)
     if not rows:
         raise ValueError(f"{manifest} has no rows")
+    return rows
+
+
+def _out_file(out: Path, suffix: str) -> Path:
+    """--out as a file path with this suffix (checked before any work)."""
+    out = Path(out)
+    if out.suffix.lower() != suffix or out.is_dir():
+        raise ValueError(f"--out {out} must be a {suffix} file")
+    return out
+
+
+def _open(manifest: Path, out: Path | None, needs: tuple[str, ...], step: str) -> tuple[list[dict], Path]:
+    rows = _rows(manifest)
     missing = [k for k in needs if any(r.get(k) is None for r in rows)]
     if missing:
         raise ValueError(f"{manifest}: column(s) {missing} are missing or incomplete; run "
@@ -509,12 +523,8 @@ def sample(manifest: Path, out: Path, n: int, seed: int = 0, alpha: float = 0.5,
 
     if n < 1:
         raise ValueError(f"-n must be >= 1, got {n}")
-    out = Path(out)
-    if out.suffix.lower() != ".json" or out.is_dir():
-        raise ValueError(f"--out {out} must be a .json file")
-    rows = read_manifest(manifest)
-    if not rows:
-        raise ValueError(f"{manifest} has no rows")
+    out = _out_file(out, ".json")
+    rows = _rows(manifest)
     sampler = sampler_from_rows(rows, alpha, beta, temperature, use_scores)
     indices = sampler.sample(n, seed)
     drawn = Counter(rows[i]["category"] for i in indices.tolist())
@@ -570,12 +580,8 @@ def export(manifest: Path, out: Path, captions: str = "all", one_per_image: bool
            keep_duplicates: bool = False) -> dict:
     """A JSONL of {"image", "caption", "id", "from"} lines for `data.kind=folder`: every text of every kept
     image (or one per image, drawn from (seed, id)); duplicates are left out unless `keep_duplicates`."""
-    out = Path(out)
-    if out.suffix.lower() != ".jsonl" or out.is_dir():
-        raise ValueError(f"--out {out} must be a .jsonl file")
-    rows = read_manifest(manifest)
-    if not rows:
-        raise ValueError(f"{manifest} has no rows")
+    out = _out_file(out, ".jsonl")
+    rows = _rows(manifest)
     columns = _export_columns(rows, captions)
     lines, without = [], 0
     for row in rows:
