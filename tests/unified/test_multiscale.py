@@ -264,20 +264,10 @@ def tiny_run(out, vq_dir, **kw) -> UnifiedTrainConfig:
                                         train_size=16, save_every=2, log_every=1), **kw})
 
 
-def test_engine_training_resumes_exactly(scales_vq_dir, tmp_path):
+def test_engine_training_resumes_exactly(scales_vq_dir, tmp_path, train_until_killed):
     train_unified(tiny_run(tmp_path / "straight", scales_vq_dir))
 
-    class Killed(Exception):
-        pass
-
-    class Interrupted(UnifiedTask):
-        def batch(self, step, micro):
-            if step == 3:
-                raise Killed
-            return super().batch(step, micro)
-
-    with pytest.raises(Killed):  # killed after its step-2 checkpoint ...
-        Interrupted(tiny_run(tmp_path / "resumed", scales_vq_dir)).train()
+    train_until_killed(tiny_run(tmp_path / "resumed", scales_vq_dir), 3)  # killed after its step-2 checkpoint ...
     assert train_unified(tiny_run(tmp_path / "resumed", scales_vq_dir))["step"] == 4  # ... and started again
     a, vq, _ = load_model(tmp_path / "straight" / "model")
     b, _, _ = load_model(tmp_path / "resumed" / "model")

@@ -94,23 +94,13 @@ def test_engine_trains_the_weights_of_the_hand_written_loop(vq_dir, tmp_path, el
         "anchor_cut": None}
 
 
-def test_resume_after_an_interruption_is_exact(vq_dir, tmp_path):
+def test_resume_after_an_interruption_is_exact(vq_dir, tmp_path, train_until_killed):
     """A run killed after its step-3 checkpoint and started again ends with the weights, router statistics and
     optimizer state of an uninterrupted one (cosine schedule, elastic draws, anchor + distillation)."""
     model = UnifiedConfig.tiny(num_layers=4, elastic=ELASTIC["nested_coupled_anchor_distill"])
     train_unified(tiny(tmp_path / "straight", vq_dir, model=model))
 
-    class Killed(Exception):
-        pass
-
-    class Interrupted(UnifiedTask):
-        def batch(self, step, micro):
-            if step == 4:
-                raise Killed
-            return super().batch(step, micro)
-
-    with pytest.raises(Killed):
-        Interrupted(tiny(tmp_path / "split", vq_dir, model=model)).train()
+    train_until_killed(tiny(tmp_path / "split", vq_dir, model=model), 4)
     assert latest_checkpoint(tmp_path / "split").name == "step-0000003"
     assert train_unified(tiny(tmp_path / "split", vq_dir, model=model))["step"] == 6
     a, b = (load_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("straight", "split"))
@@ -297,23 +287,13 @@ def test_posterior_balance_weights_are_normalised_precisions():
         PosteriorBalance(("i2t",), 0.5, 2).load_state(balance.state())
 
 
-def test_posterior_balance_weighs_the_task_losses_and_resumes_exactly(vq_dir, tmp_path):
+def test_posterior_balance_weighs_the_task_losses_and_resumes_exactly(vq_dir, tmp_path, train_until_killed):
     """The logged loss is the weighted sum of the task losses; a run killed after its step-3 checkpoint and
     started again ends with the running means and weights of an uninterrupted one."""
     cfg = dict(loss_balance="posterior", balance_warmup=2, balance_momentum=0.5)
     train_unified(tiny(tmp_path / "straight", vq_dir, **cfg))
 
-    class Killed(Exception):
-        pass
-
-    class Interrupted(UnifiedTask):
-        def batch(self, step, micro):
-            if step == 4:
-                raise Killed
-            return super().batch(step, micro)
-
-    with pytest.raises(Killed):
-        Interrupted(tiny(tmp_path / "split", vq_dir, **cfg)).train()
+    train_until_killed(tiny(tmp_path / "split", vq_dir, **cfg), 4)
     train_unified(tiny(tmp_path / "split", vq_dir, **cfg))
     a, b = (load_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("straight", "split"))
     assert a["states"]["task"]["balance"]["updates"] == b["states"]["task"]["balance"]["updates"] == 6
